@@ -1,0 +1,219 @@
+"""Weight-space structure: which axes of which tensors move together under neuron permutations.
+
+A network's parameters are tensors. Every axis of every tensor carries a label: the name of a
+*neuron set* (the axis is indexed by the neurons of that set) or ``None`` for a *fixed* axis
+(conv kernel offsets, whose order means something). A group element is one permutation per
+neuron set; it permutes every axis labelled with that set. A labelling is correct for a model
+when every permutation it allows leaves the model's function unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+Label = Hashable
+"""A neuron-set name, or ``None`` for a fixed axis."""
+
+Permutation = Mapping[Label, torch.Tensor]
+"""One group element: a permutation (a LongTensor of indices) for every neuron set."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What tensors share NF-layer weights: how many labelled axes, and whether fixed ones follow.
+
+    Tensors are brought to a canonical layout (labelled axes first, in order, then all fixed axes
+    merged into one), so a Linear weight, a conv kernel of any size and a bias each have one kind
+    whatever their width, depth or kernel size.
+    """
+
+    n_labelled: int
+    has_fixed: bool
+
+    @property
+    def name(self) -> str:
+        return "T" * self.n_labelled + ("F" if self.has_fixed else "")
+
+    @property
+    def ndim(self) -> int:
+        return self.n_labelled + int(self.has_fixed)
+
+    def subsets(self) -> tuple[tuple[int, ...], ...]:
+        """Nonempty subsets of the labelled axes, the pooled terms of an NF-layer."""
+        axes = range(self.n_labelled)
+        return tuple(s for r in range(1, self.n_labelled + 1) for s in itertools.combinations(axes, r))
+
+
+MAX_LABELLED_AXES = 2
+KINDS: tuple[Kind, ...] = tuple(
+    Kind(n, f) for n in range(MAX_LABELLED_AXES + 1) for f in (False, True)
+)
+"""Every kind an NF-layer holds weights for."""
+
+AXIS_TYPES: tuple[tuple[Kind, int], ...] = tuple((k, a) for k in KINDS for a in range(k.n_labelled))
+"""Every (kind, labelled axis) pair; neighbour relations are keyed by a pair of these."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape of one tensor and the label of each of its axes."""
+
+    shape: tuple[int, ...]
+    axes: tuple[Label, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "axes", tuple(self.axes))
+        if len(self.shape) != len(self.axes):
+            raise ValueError(
+                f"tensor {self.name or '?'}: {len(self.axes)} axis labels for a tensor of shape "
+                f"{self.shape} ({len(self.shape)} axes)"
+            )
+        if len(self.labelled_axes) > MAX_LABELLED_AXES:
+            raise ValueError(
+                f"tensor {self.name or '?'} of shape {self.shape}: {len(self.labelled_axes)} "
+                f"labelled axes; at most {MAX_LABELLED_AXES} are supported (label the others None)"
+            )
+
+    @property
+    def labelled_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, a in enumerate(self.axes) if a is not None)
+
+    @property
+    def fixed_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, a in enumerate(self.axes) if a is None)
+
+    @property
+    def kind(self) -> Kind:
+        return Kind(len(self.labelled_axes), bool(self.fixed_axes))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def canonical_shape(self) -> tuple[int, ...]:
+        """Shape in the canonical layout of :class:`Kind`."""
+        out = [self.shape[i] for i in self.labelled_axes]
+        if self.fixed_axes:
+            fixed = 1
+            for i in self.fixed_axes:
+                fixed *= self.shape[i]
+            out.append(fixed)
+        return tuple(out)
+
+
+def _independent_axes(shape: Sequence[int], prefix: str) -> tuple[Label, ...]:
+    """Labels for a tensor nothing is known about: the first two axes their own sets, the rest fixed.
+
+    Trailing axes of a 3+-D tensor are read as kernel offsets. Fixed axes are handled elementwise
+    with shared weights, so an NF-layer stays equivariant to permutations of them as well.
+    """
+    return tuple(f"{prefix}:{i}" if i < MAX_LABELLED_AXES else None for i in range(len(shape)))
+
+
+@dataclass(frozen=True)
+class WeightSpaceSpec:
+    """The labelled weight space of a list of tensors (in a fixed order)."""
+
+    tensors: tuple[TensorSpec, ...]
+    set_sizes: dict = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+        sizes: dict[Label, int] = {}
+        owner: dict[Label, str] = {}
+        for idx, t in enumerate(self.tensors):
+            if not isinstance(t, TensorSpec):
+                raise TypeError(f"tensor {idx}: expected a TensorSpec, got {type(t).__name__}")
+            for ax, label in enumerate(t.axes):
+                if label is None:
+                    continue
+                n = t.shape[ax]
+                if label in sizes and sizes[label] != n:
+                    raise ValueError(
+                        f"neuron set {label!r} has size {sizes[label]} on {owner[label]} but size {n} "
+                        f"on axis {ax} of tensor {t.name or idx} (shape {t.shape})"
+                    )
+                sizes.setdefault(label, n)
+                owner.setdefault(label, f"tensor {t.name or idx}")
+        object.__setattr__(self, "set_sizes", sizes)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @classmethod
+    def independent(
+        cls, shapes: Iterable[Sequence[int] | torch.Tensor], names: Iterable[str] | None = None
+    ) -> WeightSpaceSpec:
+        """The fallback labelling for bare tensors: no axis shares a set with another tensor's."""
+        shapes = [tuple(s.shape) if isinstance(s, torch.Tensor) else tuple(s) for s in shapes]
+        names = list(names) if names is not None else [str(i) for i in range(len(shapes))]
+        if len(names) != len(shapes):
+            raise ValueError(f"{len(names)} names for {len(shapes)} tensors")
+        return cls(
+            tuple(TensorSpec(s, _independent_axes(s, n), n) for s, n in zip(shapes, names))
+        )
+
+    def subset(self, indices: Sequence[int]) -> WeightSpaceSpec:
+        """The weight space of some of the tensors (a sub-space keeps every label it had)."""
+        return WeightSpaceSpec(tuple(self.tensors[i] for i in indices))
+
+    @cached_property
+    def set_members(self) -> dict[Label, tuple[tuple[int, int], ...]]:
+        """For each neuron set, the (tensor index, axis) pairs it labels."""
+        out: dict[Label, list[tuple[int, int]]] = {label: [] for label in self.set_sizes}
+        for ti, t in enumerate(self.tensors):
+            for ax, label in enumerate(t.axes):
+                if label is not None:
+                    out[label].append((ti, ax))
+        return {k: tuple(v) for k, v in out.items()}
+
+    def check_tensors(self, tensors: Sequence[torch.Tensor], trailing: int = 0, what: str = "tensor") -> None:
+        """Raise a ValueError naming the first tensor whose shape does not fit this space.
+
+        ``trailing`` extra axes (feature channels) may follow each tensor's own shape.
+        """
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"expected {len(self.tensors)} {what}s for this weight space, got {len(tensors)}")
+        for i, (x, t) in enumerate(zip(tensors, self.tensors)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{what} {t.name or i}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.is_sparse or x.layout != torch.strided:
+                raise ValueError(f"{what} {t.name or i}: sparse tensors are not supported (layout {x.layout})")
+            if x.is_complex():
+                raise ValueError(f"{what} {t.name or i}: complex tensors are not supported (dtype {x.dtype})")
+            own = tuple(x.shape[: x.dim() - trailing]) if trailing else tuple(x.shape)
+            if x.dim() != len(t.shape) + trailing or own != t.shape:
+                extra = f" plus {trailing} channel axis" if trailing else ""
+                raise ValueError(
+                    f"{what} {t.name or i}: shape {tuple(x.shape)} does not fit the weight space, "
+                    f"which expects {t.shape}{extra}"
+                )
+
+    def random_permutation(self, generator: torch.Generator | None = None) -> dict[Label, torch.Tensor]:
+        """Draw a uniformly random group element: one permutation per neuron set."""
+        return {label: torch.randperm(n, generator=generator) for label, n in self.set_sizes.items()}
+
+    def permute(self, tensors: Sequence[torch.Tensor], perm: Permutation) -> list[torch.Tensor]:
+        """Apply a group element to tensors of this space (extra trailing channel axes ride along)."""
+        out = []
+        for x, t in zip(tensors, self.tensors):
+            for ax, label in enumerate(t.axes):
+                if label is not None and label in perm:
+                    x = x.index_select(ax, perm[label].to(x.device))
+            out.append(x)
+        return out
+
+
+def inverse_permutation(perm: Permutation) -> dict[Label, torch.Tensor]:
+    """The inverse group element."""
+    return {label: torch.argsort(p) for label, p in perm.items()}
