@@ -203,13 +203,18 @@ class WeightSpaceSpec:
         """Draw a uniformly random group element: one permutation per neuron set."""
         return {label: torch.randperm(n, generator=generator) for label, n in self.set_sizes.items()}
 
-    def permute(self, tensors: Sequence[torch.Tensor], perm: Permutation) -> list[torch.Tensor]:
-        """Apply a group element to tensors of this space (extra trailing channel axes ride along)."""
+    def permute(
+        self, tensors: Sequence[torch.Tensor], perm: Permutation, leading: int = 0
+    ) -> list[torch.Tensor]:
+        """Apply a group element to tensors of this space.
+
+        ``leading`` axes before each tensor's own shape (feature channels) ride along unpermuted.
+        """
         out = []
         for x, t in zip(tensors, self.tensors):
             for ax, label in enumerate(t.axes):
                 if label is not None and label in perm:
-                    x = x.index_select(ax, perm[label].to(x.device))
+                    x = x.index_select(ax + leading, perm[label].to(x.device))
             out.append(x)
         return out
 

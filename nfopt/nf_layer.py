@@ -1,0 +1,238 @@
+"""The shared-weight NF-layer: one equivariant linear map for every width, depth and kernel size.
+
+Features on a weight space are one tensor per parameter tensor, of shape ``(C, *shape)``. For
+each tensor ``t`` of kind ``k`` the layer computes
+
+    Y_t = A_k X_t + sum_S B_{k,S} mean_S(X_t) + sum_a N(a) + G_k g + E_k ctx_t + bias_k
+
+where ``S`` runs over the nonempty subsets of t's labelled axes, ``N(a)`` is the neighbour term
+of labelled axis ``a`` (vectors indexed by a's neuron set, pooled from every other tensor axis
+with the same set, averaged per relation and mixed by one matrix per relation), ``g`` is the mean
+of all per-tensor means, and ``ctx_t`` is an optional per-tensor context vector (an invariant:
+step counters, scale statistics). Weights are shared by kind and relations keyed by kinds, so a
+layer instance serves any network; means instead of sums keep it width-invariant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .weight_space import AXIS_TYPES, KINDS, Kind, TensorSpec, WeightSpaceSpec
+
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+_SUBSET_SLOTS = {(k, s): i for i, (k, s) in enumerate((k, s) for k in KINDS for s in k.subsets())}
+_AXIS_TYPE_INDEX = {t: i for i, t in enumerate(AXIS_TYPES)}
+N_RELATIONS = len(AXIS_TYPES) ** 2
+
+
+@dataclass(frozen=True)
+class _TensorPlan:
+    """How one tensor is brought to canonical layout and which weights apply to it."""
+
+    kind: int
+    perm: tuple[int, ...] | None  # axis order (after the channel axis) that puts labelled axes first
+    canonical: tuple[int, ...]
+    subsets: tuple[tuple[tuple[int, ...], int], ...]  # (canonical axes pooled, B slot)
+    # per labelled canonical axis: ((relation index, ((tensor, canonical axis), ...)), ...)
+    neighbours: tuple[tuple[tuple[int, tuple[tuple[int, int], ...]], ...], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    tensors: tuple[_TensorPlan, ...]
+    pooled_axes: tuple[tuple[int, int], ...]  # every (tensor, canonical axis) some neighbour reads
+
+
+def _axis_order(t: TensorSpec) -> tuple[int, ...] | None:
+    order = t.labelled_axes + t.fixed_axes
+    return None if order == tuple(range(len(t.shape))) else order
+
+
+@lru_cache(maxsize=256)
+def plan_for(spec: WeightSpaceSpec) -> _Plan:
+    """Everything about a weight space that the layer needs, computed once per spec."""
+    canon_axis: dict[tuple[int, int], int] = {}
+    for ti, t in enumerate(spec.tensors):
+        for ci, ax in enumerate(t.labelled_axes):
+            canon_axis[(ti, ax)] = ci
+    plans = []
+    pooled: set[tuple[int, int]] = set()
+    for ti, t in enumerate(spec.tensors):
+        kind = t.kind
+        neighbours = []
+        for ci, ax in enumerate(t.labelled_axes):
+            own_type = _AXIS_TYPE_INDEX[(kind, ci)]
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for tj, axj in spec.set_members[t.axes[ax]]:
+                if (tj, axj) == (ti, ax):
+                    continue
+                cj = canon_axis[(tj, axj)]
+                other_type = _AXIS_TYPE_INDEX[(spec.tensors[tj].kind, cj)]
+                groups.setdefault(own_type * len(AXIS_TYPES) + other_type, []).append((tj, cj))
+                pooled.add((tj, cj))
+            neighbours.append(tuple((r, tuple(m)) for r, m in sorted(groups.items())))
+        plans.append(
+            _TensorPlan(
+                kind=_KIND_INDEX[kind],
+                perm=_axis_order(t),
+                canonical=t.canonical_shape(),
+                subsets=tuple((s, _SUBSET_SLOTS[(kind, s)]) for s in kind.subsets()),
+                neighbours=tuple(neighbours),
+            )
+        )
+    return _Plan(tuple(plans), tuple(sorted(pooled)))
+
+
+def to_canonical(x: torch.Tensor, p: _TensorPlan) -> torch.Tensor:
+    """(C, *shape) -> (C, *canonical shape)."""
+    if p.perm is not None:
+        x = x.permute(0, *(a + 1 for a in p.perm))
+    return x.reshape(x.shape[0], *p.canonical)
+
+
+def from_canonical(y: torch.Tensor, p: _TensorPlan, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_canonical`."""
+    if p.perm is None:
+        return y.reshape(y.shape[0], *shape)
+    y = y.reshape(y.shape[0], *(shape[a] for a in p.perm))
+    inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
+    return y.permute(0, *(i + 1 for i in inverse))
+
+
+def _pool_except(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mean over every canonical axis but ``axis``: (C, n) indexed by that axis's neuron set."""
+    dims = tuple(d for d in range(1, x.dim()) if d != axis + 1)
+    return x.mean(dims) if dims else x
+
+
+def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Channel mixing of a (C_in, *rest) tensor by a (C_out, C_in) matrix."""
+    return (w @ x.reshape(x.shape[0], -1)).reshape(w.shape[0], *x.shape[1:])
+
+
+class NFLayer(nn.Module):
+    """Equivariant linear layer on weight-space features, shared across kinds of tensors.
+
+    ``pooled=False`` drops every term that reads other elements (pooled, neighbour and global):
+    what is left is a per-element linear map, the ablation that shows what the structure buys.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        context_channels: int = 0,
+        pooled: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1 or context_channels < 0:
+            raise ValueError(
+                f"channels must be positive, got in={in_channels}, out={out_channels}, "
+                f"context={context_channels}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.context_channels, self.pooled = context_channels, pooled
+        K = len(KINDS)
+        self.A = nn.Parameter(torch.empty(K, out_channels, in_channels))
+        self.bias = nn.Parameter(torch.zeros(K, out_channels))
+        if pooled:
+            self.B = nn.Parameter(torch.empty(len(_SUBSET_SLOTS), out_channels, in_channels))
+            self.N = nn.Parameter(torch.empty(N_RELATIONS, out_channels, in_channels))
+            self.G = nn.Parameter(torch.empty(K, out_channels, in_channels))
+        if context_channels:
+            self.E = nn.Parameter(torch.empty(K, out_channels, context_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Variance-preserving init: the per-element term carries most of the signal."""
+        bound = 1.0 / math.sqrt(self.in_channels)
+        nn.init.uniform_(self.A, -bound, bound)
+        nn.init.zeros_(self.bias)
+        for name in ("B", "N", "G"):
+            if hasattr(self, name):
+                nn.init.uniform_(getattr(self, name), -0.5 * bound, 0.5 * bound)
+        if self.context_channels:
+            nn.init.uniform_(self.E, -1 / math.sqrt(self.context_channels), 1 / math.sqrt(self.context_channels))
+
+    def zero_(self) -> NFLayer:
+        """Make the layer output exactly zero (a residual branch that starts closed)."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"context_channels={self.context_channels}, pooled={self.pooled}"
+        )
+
+    def forward(
+        self,
+        spec: WeightSpaceSpec,
+        xs: Sequence[torch.Tensor],
+        context: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Map features ``xs[t]`` of shape (C_in, *shape_t) to (C_out, *shape_t).
+
+        ``context`` is a (T, context_channels) tensor of per-tensor invariants, or None.
+        """
+        plan = plan_for(spec)
+        xc = [to_canonical(x, p) for x, p in zip(xs, plan.tensors)]
+        # Per-tensor constant terms: bias, context, global mean.
+        const = self.bias[[p.kind for p in plan.tensors]]  # (T, C_out)
+        if self.context_channels:
+            if context is None:
+                raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
+            kinds = torch.tensor([p.kind for p in plan.tensors], device=context.device)
+            const = const + torch.einsum("toc,tc->to", self.E[kinds], context)
+        if self.pooled:
+            means = torch.stack([x.reshape(x.shape[0], -1).mean(1) for x in xc])  # (T, C_in)
+            g = means.mean(0)
+            const = const + torch.einsum("toc,c->to", self.G[[p.kind for p in plan.tensors]], g)
+            vectors = {key: _pool_except(xc[key[0]], key[1]) for key in plan.pooled_axes}
+        out = []
+        for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
+            terms: list[torch.Tensor] = []
+            if self.pooled:
+                for axes, slot in p.subsets:
+                    terms.append(_mix(self.B[slot], x.mean(tuple(a + 1 for a in axes), keepdim=True)))
+                for ax, relations in enumerate(p.neighbours):
+                    nb = None
+                    for r, members in relations:
+                        v = vectors[members[0]] if len(members) == 1 else torch.stack(
+                            [vectors[m] for m in members]
+                        ).mean(0)
+                        term = self.N[r] @ v
+                        nb = term if nb is None else nb + term
+                    if nb is not None:
+                        shape = [1] * x.dim()
+                        shape[0], shape[ax + 1] = nb.shape
+                        terms.append(nb.reshape(shape))
+            y = self._combine(self.A[p.kind], x, const[ti], terms)
+            out.append(from_canonical(y, p, tuple(xs[ti].shape[1:])))
+        return out
+
+    @staticmethod
+    def _combine(
+        a: torch.Tensor, x: torch.Tensor, const: torch.Tensor, terms: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """A·x + const + broadcast terms, folding small terms into larger ones before the full add."""
+        acc: list[torch.Tensor] = []
+        for term in sorted(terms, key=lambda t: -t.numel()):
+            for i, big in enumerate(acc):
+                if all(s == 1 or s == b for s, b in zip(term.shape, big.shape)):
+                    acc[i] = big + term
+                    break
+            else:
+                acc.append(term)
+        y = torch.addmm(const.unsqueeze(1), a, x.reshape(x.shape[0], -1)).reshape(a.shape[0], *x.shape[1:])
+        for term in acc:
+            y.add_(term)
+        return y

@@ -1,0 +1,94 @@
+"""Neural functional networks: stacks of NF-layers, and an invariant head that pools to a vector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .nf_layer import NFLayer, plan_for
+from .weight_space import KINDS, WeightSpaceSpec
+
+ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class NFN(nn.Module):
+    """An equivariant network on weight space: NF-layers with a pointwise nonlinearity between them.
+
+    The context vector (per-tensor invariants) enters the first layer only. ``zero_last`` closes
+    the output so that a fresh network maps everything to zero.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        n_layers: int = 2,
+        context_channels: int = 0,
+        pooled: bool = True,
+        activation: str = "relu",
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"an NFN needs at least one layer, got n_layers={n_layers}")
+        widths = [in_channels] + [hidden_channels] * (n_layers - 1) + [out_channels]
+        self.layers = nn.ModuleList(
+            NFLayer(i, o, context_channels if n == 0 else 0, pooled)
+            for n, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
+        )
+        self.activation_name = activation
+        self._act = _activation(activation)
+        if zero_last:
+            self.layers[-1].zero_()
+
+    def forward(
+        self, spec: WeightSpaceSpec, xs: Sequence[torch.Tensor], context: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        _check_features(spec, xs, self.layers[0].in_channels)
+        for n, layer in enumerate(self.layers):
+            xs = layer(spec, xs, context if n == 0 else None)
+            if n < len(self.layers) - 1:
+                xs = [self._act(x) for x in xs]
+        return xs
+
+
+def _check_features(spec: WeightSpaceSpec, xs: Sequence[torch.Tensor], channels: int) -> None:
+    """Features are (channels, *shape) per tensor of the spec."""
+    if len(xs) != len(spec):
+        raise ValueError(f"expected features for {len(spec)} tensors, got {len(xs)}")
+    for i, (x, t) in enumerate(zip(xs, spec.tensors)):
+        if tuple(x.shape) != (channels, *t.shape):
+            raise ValueError(
+                f"features of tensor {t.name or i}: shape {tuple(x.shape)}, expected "
+                f"({channels}, *{t.shape}) = {(channels, *t.shape)}"
+            )
+
+
+class InvariantPool(nn.Module):
+    """Permutation-invariant summary of weight-space features: per kind, the mean over tensors of
+    each tensor's mean, concatenated over kinds (zeros for kinds that are absent)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    @property
+    def out_features(self) -> int:
+        return len(KINDS) * self.channels
+
+    def forward(self, spec: WeightSpaceSpec, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_features(spec, xs, self.channels)
+        by_kind: list[list[torch.Tensor]] = [[] for _ in KINDS]
+        for x, p in zip(xs, plan_for(spec).tensors):
+            by_kind[p.kind].append(x.reshape(self.channels, -1).mean(1))
+        zero = xs[0].new_zeros(self.channels)
+        return torch.cat([torch.stack(m).mean(0) if m else zero for m in by_kind])
