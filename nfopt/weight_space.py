@@ -100,6 +100,16 @@ class TensorSpec:
             n *= s
         return n
 
+    @classmethod
+    def independent(cls, shape: Sequence[int], name: str) -> TensorSpec:
+        """Labels for a tensor nothing is known about: the first two axes sets of their own
+        (named after the tensor), the rest fixed.
+
+        Trailing axes of a 3+-D tensor are read as kernel offsets. Fixed axes are handled
+        elementwise with shared weights, so an NF-layer stays equivariant to permuting them too.
+        """
+        return cls(tuple(shape), tuple(f"{name}:{i}" if i < MAX_LABELLED_AXES else None for i in range(len(shape))), name)
+
     def canonical_shape(self) -> tuple[int, ...]:
         """Shape in the canonical layout of :class:`Kind`."""
         out = [self.shape[i] for i in self.labelled_axes]
@@ -109,15 +119,6 @@ class TensorSpec:
                 fixed *= self.shape[i]
             out.append(fixed)
         return tuple(out)
-
-
-def _independent_axes(shape: Sequence[int], prefix: str) -> tuple[Label, ...]:
-    """Labels for a tensor nothing is known about: the first two axes their own sets, the rest fixed.
-
-    Trailing axes of a 3+-D tensor are read as kernel offsets. Fixed axes are handled elementwise
-    with shared weights, so an NF-layer stays equivariant to permutations of them as well.
-    """
-    return tuple(f"{prefix}:{i}" if i < MAX_LABELLED_AXES else None for i in range(len(shape)))
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,7 @@ class WeightSpaceSpec:
         names = list(names) if names is not None else [str(i) for i in range(len(shapes))]
         if len(names) != len(shapes):
             raise ValueError(f"{len(names)} names for {len(shapes)} tensors")
-        return cls(
-            tuple(TensorSpec(s, _independent_axes(s, n), n) for s, n in zip(shapes, names))
-        )
+        return cls(tuple(TensorSpec.independent(s, n) for s, n in zip(shapes, names)))
 
     def subset(self, indices: Sequence[int]) -> WeightSpaceSpec:
         """The weight space of some of the tensors (a sub-space keeps every label it had)."""
