@@ -1,0 +1,22 @@
+"""Learned update rules for tests: the Adam-equivalent fresh rule and one whose NFN is switched on."""
+
+from __future__ import annotations
+
+import torch
+
+from nfopt.learned_update import LearnedUpdate, UpdateConfig
+
+
+def fresh_rule(**cfg) -> LearnedUpdate:
+    torch.manual_seed(0)
+    return LearnedUpdate(UpdateConfig(**cfg))
+
+
+def open_rule(seed: int = 0, std: float = 0.3, **cfg) -> LearnedUpdate:
+    """A rule whose closed last layer is opened, so the NFN's terms change every update."""
+    rule = fresh_rule(**cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.nfn.layers[-1].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return rule
