@@ -10,6 +10,8 @@ not normalised) and the log-RMS of the parameter. Nothing depends on a training 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,11 +74,20 @@ def update_statistics(
 
     Functional (returns new tensors) so that unrolled meta-training can differentiate through it.
     """
-    decays = torch.tensor(cfg.momentum_decays, dtype=g.dtype, device=g.device)
-    rates = ((1 - decays) * ok).reshape(-1, *([1] * g.dim()))
-    momenta = state["momenta"] + (g.unsqueeze(0) - state["momenta"]) * rates
-    v = state["v"] + (g * g - state["v"]) * ((1 - cfg.beta2) * ok)
+    rates = _constant([1 - d for d in cfg.momentum_decays], g) * ok
+    momenta = torch.lerp(state["momenta"], g.expand_as(state["momenta"]), rates.reshape(-1, *([1] * g.dim())))
+    v = torch.lerp(state["v"], g * g, (1 - cfg.beta2) * ok)
     return {"step": state["step"] + ok, "momenta": momenta, "v": v}
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor made once per dtype and device, not on every step."""
+    return _cached_constant(tuple(values), like.dtype, like.device)
 
 
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,21 +100,20 @@ def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[
     return u, root_v
 
 
-def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Divide each channel (axis 0) by its RMS over the rest of the tensor."""
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(mean(x²) + eps) of each channel (axis 0) over the rest of the tensor: (C,)."""
     flat = x.reshape(x.shape[0], -1)
-    inv = torch.rsqrt(flat.square().mean(1) + eps)
-    return x * inv.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.rsqrt(torch.linalg.vecdot(flat, flat) / max(flat.shape[1], 1) + eps)
 
 
 def features(
     p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor,
     cfg: FeatureConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element features (C, *shape), RMS-normalised, and the tensor's context vector."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element features (C, *shape), the inverse RMS of each channel (C,) that normalises
+    them (the NFN folds it into its first layer's weights), and the tensor's context vector."""
     x = torch.cat([p.unsqueeze(0), g.unsqueeze(0), state["momenta"], root_v.unsqueeze(0), u.unsqueeze(0)])
-    x = rms_normalise(x, cfg.rms_eps)
-    scales = torch.tensor(cfg.time_scales, dtype=p.dtype, device=p.device)
-    log_rms_p = 0.5 * torch.log(p.square().mean() + cfg.rms_eps) if p.numel() else p.new_zeros(())
-    context = torch.cat([torch.tanh(state["step"] / scales), (0.1 * log_rms_p).reshape(1)])
-    return x, context
+    inv = inverse_rms(x, cfg.rms_eps)
+    scales = _constant(cfg.time_scales, p)
+    context = torch.cat([torch.tanh(state["step"] / scales), (-0.1 * torch.log(inv[0])).reshape(1)])
+    return x, inv, context

@@ -97,14 +97,15 @@ class LearnedUpdate(nn.Module):
         n = len(params)
         lrs = [1.0] * n if lrs is None else lrs
         weight_decays = [0.0] * n if weight_decays is None else weight_decays
-        oks = [torch.isfinite(g.abs().amax() if g.numel() else g.new_zeros(())).to(g.dtype) for g in grads]
+        oks = [torch.isfinite(g.sum()).to(g.dtype) for g in grads]  # one read; inf/NaN survive a sum
         grads = [torch.where(ok > 0, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g, ok in zip(grads, oks)]
         states = [update_statistics(g, s, cfg, ok) for g, s, ok in zip(grads, states, oks)]
         directions = [adam_direction(s, cfg) for s in states]
         feats = [features(p, g, s, u, r, cfg) for p, g, s, (u, r) in zip(params, grads, states, directions)]
-        xs = [x for x, _ in feats]
-        context = torch.stack([c for _, c in feats]) if feats else None
-        out = self.nfn(spec, xs, context)
+        xs = [x for x, _, _ in feats]
+        scale = torch.stack([s for _, s, _ in feats])
+        context = torch.stack([c for _, _, c in feats])
+        out = self.nfn(spec, xs, context, scale)
         alpha, beta, gamma = self.scalars()
         limit = self.config.max_log_scale
         new_params = []

@@ -105,10 +105,18 @@ def from_canonical(y: torch.Tensor, p: _TensorPlan, shape: tuple[int, ...]) -> t
     return y.permute(0, *(i + 1 for i in inverse))
 
 
-def _pool_except(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """Mean over every canonical axis but ``axis``: (C, n) indexed by that axis's neuron set."""
-    dims = tuple(d for d in range(1, x.dim()) if d != axis + 1)
-    return x.mean(dims) if dims else x
+class _Pooled:
+    """Means of one tensor over sets of axes (keepdim), each reduced from the largest cached one."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._cache: dict[frozenset[int], torch.Tensor] = {frozenset(): x}
+
+    def mean(self, dims: Sequence[int]) -> torch.Tensor:
+        key = frozenset(dims)
+        if key not in self._cache:
+            base = max((k for k in self._cache if k <= key), key=len)
+            self._cache[key] = self._cache[base].mean(tuple(sorted(key - base)), keepdim=True)
+        return self._cache[key]
 
 
 def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -178,31 +186,42 @@ class NFLayer(nn.Module):
         spec: WeightSpaceSpec,
         xs: Sequence[torch.Tensor],
         context: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Map features ``xs[t]`` of shape (C_in, *shape_t) to (C_out, *shape_t).
 
         ``context`` is a (T, context_channels) tensor of per-tensor invariants, or None.
+        ``scale`` (T, C_in), if given, multiplies each tensor's input channels; it is folded into
+        the weights, which is cheaper than scaling the features (per-tensor normalisation).
         """
         plan = plan_for(spec)
         xc = [to_canonical(x, p) for x, p in zip(xs, plan.tensors)]
+        kinds = [p.kind for p in plan.tensors]
         # Per-tensor constant terms: bias, context, global mean.
-        const = self.bias[[p.kind for p in plan.tensors]]  # (T, C_out)
+        const = self.bias[kinds]  # (T, C_out)
         if self.context_channels:
             if context is None:
                 raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
-            kinds = torch.tensor([p.kind for p in plan.tensors], device=context.device)
             const = const + torch.einsum("toc,tc->to", self.E[kinds], context)
         if self.pooled:
-            means = torch.stack([x.reshape(x.shape[0], -1).mean(1) for x in xc])  # (T, C_in)
-            g = means.mean(0)
-            const = const + torch.einsum("toc,c->to", self.G[[p.kind for p in plan.tensors]], g)
-            vectors = {key: _pool_except(xc[key[0]], key[1]) for key in plan.pooled_axes}
+            pooled = [_Pooled(x) for x in xc]
+            means = torch.stack([m.mean(tuple(range(1, x.dim()))).reshape(-1) for m, x in zip(pooled, xc)])
+            if scale is not None:
+                means = means * scale
+            const = const + torch.einsum("toc,c->to", self.G[kinds], means.mean(0))
+            vectors = {}
+            for ti, ax in plan.pooled_axes:
+                x = xc[ti]
+                v = pooled[ti].mean(tuple(d for d in range(1, x.dim()) if d != ax + 1)).reshape(x.shape[0], -1)
+                vectors[(ti, ax)] = v if scale is None else v * scale[ti, :, None]
         out = []
         for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
+            s = None if scale is None else scale[ti]
             terms: list[torch.Tensor] = []
             if self.pooled:
                 for axes, slot in p.subsets:
-                    terms.append(_mix(self.B[slot], x.mean(tuple(a + 1 for a in axes), keepdim=True)))
+                    b = self.B[slot] if s is None else self.B[slot] * s
+                    terms.append(_mix(b, pooled[ti].mean(tuple(a + 1 for a in axes))))
                 for ax, relations in enumerate(p.neighbours):
                     nb = None
                     for r, members in relations:
@@ -215,7 +234,8 @@ class NFLayer(nn.Module):
                         shape = [1] * x.dim()
                         shape[0], shape[ax + 1] = nb.shape
                         terms.append(nb.reshape(shape))
-            y = self._combine(self.A[p.kind], x, const[ti], terms)
+            a = self.A[p.kind] if s is None else self.A[p.kind] * s
+            y = self._combine(a, x, const[ti], terms)
             out.append(from_canonical(y, p, tuple(xs[ti].shape[1:])))
         return out
 

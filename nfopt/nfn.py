@@ -10,7 +10,8 @@ from torch import nn
 from .nf_layer import NFLayer, plan_for
 from .weight_space import KINDS, WeightSpaceSpec
 
-ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
+ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
+"""Applied to fresh layer outputs, which nothing else holds, so in place where torch can."""
 
 
 def _activation(name: str):
@@ -51,11 +52,16 @@ class NFN(nn.Module):
             self.layers[-1].zero_()
 
     def forward(
-        self, spec: WeightSpaceSpec, xs: Sequence[torch.Tensor], context: torch.Tensor | None = None
+        self,
+        spec: WeightSpaceSpec,
+        xs: Sequence[torch.Tensor],
+        context: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
+        """``context`` and ``scale`` go to the first layer (see :meth:`NFLayer.forward`)."""
         _check_features(spec, xs, self.layers[0].in_channels)
         for n, layer in enumerate(self.layers):
-            xs = layer(spec, xs, context if n == 0 else None)
+            xs = layer(spec, xs, context, scale) if n == 0 else layer(spec, xs)
             if n < len(self.layers) - 1:
                 xs = [self._act(x) for x in xs]
         return xs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nfopt.features import FeatureConfig, adam_direction, features, init_state, rms_normalise, update_statistics
+from nfopt.features import FeatureConfig, adam_direction, features, init_state, inverse_rms, update_statistics
 
 CFG = FeatureConfig()
 
@@ -43,13 +43,17 @@ def test_held_statistics_do_not_move():
         assert torch.equal(held[k], state[k])
 
 
-def test_rms_normalise_is_scale_free_and_finite_at_zero():
+def normalise(x):
+    return x * inverse_rms(x, CFG.rms_eps).reshape(-1, 1, 1)
+
+
+def test_rms_normalisation_is_scale_free_and_finite_at_zero():
     x = torch.randn(3, 10, 4, dtype=torch.float64)
-    y = rms_normalise(x, CFG.rms_eps)
+    y = normalise(x)
     assert torch.allclose(y.square().mean((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(rms_normalise(1000 * x, CFG.rms_eps), y)
-    zero = torch.zeros(2, 5, requires_grad=True)
-    rms_normalise(zero, CFG.rms_eps).sum().backward()
+    assert torch.allclose(normalise(1000 * x), y)
+    zero = torch.zeros(2, 5, 1, requires_grad=True)
+    normalise(zero).sum().backward()
     assert torch.isfinite(zero.grad).all()
 
 
@@ -57,11 +61,12 @@ def test_features_shape_and_horizon_free_context():
     p = torch.randn(6, 2)
     state = run([torch.randn(6, 2) for _ in range(3)], p)
     u, root_v = adam_direction(state, CFG)
-    x, ctx = features(p, torch.randn(6, 2), state, u, root_v, CFG)
-    assert x.shape == (CFG.channels, 6, 2)
+    x, inv, ctx = features(p, torch.randn(6, 2), state, u, root_v, CFG)
+    assert x.shape == (CFG.channels, 6, 2) and inv.shape == (CFG.channels,)
     assert ctx.shape == (CFG.context_channels,)
     assert torch.allclose(ctx[: len(CFG.time_scales)], torch.tanh(3 / torch.tensor(CFG.time_scales)))
     assert torch.isfinite(x).all()
+    assert torch.allclose(ctx[-1], 0.1 * p.square().mean().sqrt().log())
 
 
 def test_adam_direction_at_step_zero_is_zero():

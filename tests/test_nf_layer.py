@@ -150,3 +150,16 @@ def test_bad_input():
         NFLayer(0, 3)
     with pytest.raises(ValueError, match="expects a context"):
         layer(ctx=2)(SPACES["mlp"], random_features(SPACES["mlp"], 3))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "every_relation", "random3"])
+def test_scale_is_the_same_as_scaling_the_inputs(name):
+    spec = SPACES[name]
+    nf = layer()
+    xs = random_features(spec, 3)
+    ctx = torch.randn(len(spec), 2, dtype=torch.float64)
+    scale = torch.rand(len(spec), 3, dtype=torch.float64) + 0.5
+    folded = nf(spec, xs, ctx, scale)
+    direct = nf(spec, [x * s.reshape(-1, *[1] * (x.dim() - 1)) for x, s in zip(xs, scale)], ctx)
+    for a, b in zip(folded, direct):
+        assert torch.allclose(a, b, atol=1e-12)
