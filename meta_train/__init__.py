@@ -1,0 +1,1 @@
+"""Meta-training of nfopt's learned optimizer: the task distribution and the unrolled training loop."""

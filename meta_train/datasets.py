@@ -1,0 +1,189 @@
+"""Datasets for meta-training and benchmark tasks: nothing to download, deterministic from a seed.
+
+Two sources. scikit-learn's bundled sets (``digits``: 8x8 images, 10 classes; ``iris``,
+``wine``, ``breast_cancer``: tabular classification) are split into train and test by the seed.
+Generated sets are drawn from the seed: ``teacher`` (regression onto the outputs of a random
+teacher MLP, plus noise, so the loss has a known floor) and ``gaussian_mixture`` (classes that
+are each a mixture of Gaussian clusters, overlapping so that the task is not trivially solved).
+
+Features are standardised with the training split's statistics (and so are regression targets),
+which keeps losses and gradients of every task on one scale. A dataset is built once per
+``(name, seed, dtype, device)`` in a process and then shared, so its tensors must not be mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+TEST_FRACTION = 0.2
+"""Share of a scikit-learn set held back as its test split."""
+
+N_GENERATED_TRAIN = 2048
+N_GENERATED_TEST = 512
+
+TEACHER_IN, TEACHER_HIDDEN, TEACHER_OUT = 16, 32, 4
+TEACHER_NOISE = 0.1
+"""Noise std on the standardised teacher targets: the training MSE cannot go below about 0.01."""
+
+MIXTURE_DIM, MIXTURE_CLASSES, MIXTURE_COMPONENTS = 8, 6, 3
+MIXTURE_SPREAD = 1.5
+"""Std of the cluster centres in units of the (unit) cluster std: the classes overlap a little."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A supervised dataset split into train and test, as tensors ready for a model.
+
+    ``x_*`` has shape ``(n, *input_shape)``. For classification ``y_*`` holds int64 class
+    indices and ``n_outputs`` is the number of classes; for regression ``y_*`` has shape
+    ``(n, n_outputs)`` in the features' dtype.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_outputs: int
+    is_classification: bool
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        """Whether inputs are ``(channels, height, width)`` images that a CNN can read."""
+        return len(self.input_shape) == 3
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """A dataset as numpy arrays (features standardised), before dtype and device are chosen."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_outputs: int
+    is_classification: bool
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale every column to zero mean and unit std on ``train``; constant columns are only centred."""
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _sklearn(name: str, image_shape: tuple[int, ...] | None = None) -> Callable[[int], _Arrays]:
+    """A builder for scikit-learn's bundled ``load_<name>`` set, split by the seed (stratified).
+
+    scikit-learn is imported only when such a set is built, so the package imports without it.
+    """
+
+    def build(seed: int) -> _Arrays:
+        import sklearn.datasets
+        from sklearn.model_selection import train_test_split
+
+        x, y = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
+        x_train, x_test, y_train, y_test = train_test_split(
+            x.astype(np.float64), y.astype(np.int64), test_size=TEST_FRACTION, random_state=seed, stratify=y
+        )
+        x_train, x_test = _standardise(x_train, x_test)
+        if image_shape is not None:
+            x_train = x_train.reshape(len(x_train), *image_shape)
+            x_test = x_test.reshape(len(x_test), *image_shape)
+        return _Arrays(x_train, y_train, x_test, y_test, int(y.max()) + 1, True)
+
+    return build
+
+
+def _teacher(seed: int) -> _Arrays:
+    """Regression onto a random tanh MLP's outputs: smooth, nonlinear, with a known noise floor."""
+    rng = np.random.default_rng(seed)
+    n = N_GENERATED_TRAIN + N_GENERATED_TEST
+    x = rng.standard_normal((n, TEACHER_IN))
+    w1 = rng.standard_normal((TEACHER_IN, TEACHER_HIDDEN)) * 2.0 / np.sqrt(TEACHER_IN)
+    w2 = rng.standard_normal((TEACHER_HIDDEN, TEACHER_HIDDEN)) * 2.0 / np.sqrt(TEACHER_HIDDEN)
+    w3 = rng.standard_normal((TEACHER_HIDDEN, TEACHER_OUT)) / np.sqrt(TEACHER_HIDDEN)
+    y = np.tanh(np.tanh(x @ w1) @ w2) @ w3
+    y_train, y_test = _standardise(y[:N_GENERATED_TRAIN], y[N_GENERATED_TRAIN:])
+    y_train = y_train + TEACHER_NOISE * rng.standard_normal(y_train.shape)
+    y_test = y_test + TEACHER_NOISE * rng.standard_normal(y_test.shape)
+    x_train, x_test = _standardise(x[:N_GENERATED_TRAIN], x[N_GENERATED_TRAIN:])
+    return _Arrays(x_train, y_train, x_test, y_test, TEACHER_OUT, False)
+
+
+def _gaussian_mixture(seed: int) -> _Arrays:
+    """Classes that are each a union of unit Gaussian clusters with random centres."""
+    rng = np.random.default_rng(seed)
+    n = N_GENERATED_TRAIN + N_GENERATED_TEST
+    centres = MIXTURE_SPREAD * rng.standard_normal((MIXTURE_CLASSES, MIXTURE_COMPONENTS, MIXTURE_DIM))
+    y = rng.integers(MIXTURE_CLASSES, size=n)
+    component = rng.integers(MIXTURE_COMPONENTS, size=n)
+    x = centres[y, component] + rng.standard_normal((n, MIXTURE_DIM))
+    x_train, x_test = _standardise(x[:N_GENERATED_TRAIN], x[N_GENERATED_TRAIN:])
+    return _Arrays(x_train, y[:N_GENERATED_TRAIN], x_test, y[N_GENERATED_TRAIN:], MIXTURE_CLASSES, True)
+
+
+_BUILDERS: dict[str, Callable[[int], _Arrays]] = {
+    "digits": _sklearn("digits", image_shape=(1, 8, 8)),
+    "iris": _sklearn("iris"),
+    "wine": _sklearn("wine"),
+    "breast_cancer": _sklearn("breast_cancer"),
+    "teacher": _teacher,
+    "gaussian_mixture": _gaussian_mixture,
+}
+
+DATASETS: tuple[str, ...] = tuple(_BUILDERS)
+"""Names accepted by :func:`load_dataset`."""
+IMAGE_DATASETS: tuple[str, ...] = ("digits",)
+"""Datasets whose inputs are ``(C, H, W)`` images (``Dataset.is_image``), the ones a CNN reads."""
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ``ValueError`` naming the known datasets unless ``name`` is one of them."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+@lru_cache(maxsize=128)
+def _arrays(name: str, seed: int) -> _Arrays:
+    return _BUILDERS[name](seed)
+
+
+@lru_cache(maxsize=128)
+def _load(name: str, seed: int, dtype: torch.dtype, device: torch.device) -> Dataset:
+    a = _arrays(name, seed)
+    y_dtype = torch.int64 if a.is_classification else dtype
+
+    def tensor(array: np.ndarray, tensor_dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(array).to(device=device, dtype=tensor_dtype)
+
+    return Dataset(
+        name=name,
+        x_train=tensor(a.x_train, dtype),
+        y_train=tensor(a.y_train, y_dtype),
+        x_test=tensor(a.x_test, dtype),
+        y_test=tensor(a.y_test, y_dtype),
+        n_outputs=a.n_outputs,
+        is_classification=a.is_classification,
+    )
+
+
+def load_dataset(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Dataset:
+    """The dataset ``name`` built from ``seed`` (the split, or the generated data), cached per process.
+
+    The returned tensors are shared by every caller with the same arguments: do not modify them.
+    """
+    check_dataset_name(name)
+    return _load(name, int(seed), dtype, torch.device(device))

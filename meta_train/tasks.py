@@ -1,0 +1,291 @@
+"""The task distribution: small networks on small datasets that a learned optimizer trains.
+
+A :class:`TaskConfig` names everything about a task (data, architecture, batch size, initial
+scale, horizon, seeds) and round-trips through a plain dict for JSON logs. A :class:`Task` built
+from it gives what meta-training needs (a functional loss on parameter dicts, differentiable for
+unrolled training) and what benchmarks need (a seeded ``nn.Module`` for a regular optimizer),
+both with the same initialisation and batches.
+
+:func:`sample_task_config` draws from the meta-training distribution. Some properties are
+reserved for evaluation (:data:`HELD_OUT_SIGNATURES`): the training split never produces them,
+so :data:`HELD_OUT` and ``sample_task_config(split="held_out")`` measure generalisation to
+widths, data and combinations the optimizer was not meta-trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .datasets import DATASETS, IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset
+from .task_models import ACTIVATIONS, DEPTH_RANGE, build_model, check_architecture, init_parameters
+
+Params = dict[str, torch.Tensor]
+Rng = random.Random | np.random.Generator
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything that defines a task; invalid values raise ``ValueError`` on construction.
+
+    ``depth`` counts hidden layers (MLP) or conv layers (CNN); ``width`` is hidden units (MLP) or
+    channels (CNN). ``init_scale`` multiplies PyTorch's default init. ``horizon`` is the number of
+    inner training steps T. ``seed`` seeds the initialisation and the minibatches (see
+    :meth:`Task.generator`); ``data_seed`` seeds the dataset (its split, or the generated data).
+    ``name`` is a label for logs and does not change the task.
+    """
+
+    dataset: str
+    arch: str = "mlp"
+    depth: int = 2
+    width: int = 32
+    activation: str = "relu"
+    batchnorm: bool = False
+    batch_size: int = 64
+    init_scale: float = 1.0
+    horizon: int = 500
+    seed: int = 0
+    data_seed: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
+        for field in ("depth", "width"):
+            _check_int(field, getattr(self, field), 1)
+        if not isinstance(self.batchnorm, bool):
+            raise ValueError(f"batchnorm must be a bool, got {self.batchnorm!r}")
+        check_architecture(self.arch, self.depth, self.width, self.activation, self.batchnorm)
+        if self.arch == "cnn" and self.dataset not in IMAGE_DATASETS:
+            raise ValueError(f"arch 'cnn' needs an image dataset ({', '.join(IMAGE_DATASETS)}), got {self.dataset!r}")
+        for field, minimum in (("batch_size", 1), ("horizon", 1), ("seed", 0), ("data_seed", 0)):
+            _check_int(field, getattr(self, field), minimum)
+        scale = self.init_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"init_scale must be a finite positive number, got {scale!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a str, got {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict of JSON-ready values; :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TaskConfig:
+        """A config from :meth:`to_dict`'s output; unknown keys raise ``ValueError``."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TaskConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class Task:
+    """A built task: dataset tensors, a template model, seeded init, minibatches, losses and metrics.
+
+    Meta-training runs the model functionally on parameter dicts (:meth:`init_params`,
+    :meth:`loss`); benchmarks train a module (:meth:`build_module`) with :meth:`criterion`. The
+    template ``model`` is only a structure for ``functional_call``: its own parameters and
+    buffers are never used.
+    """
+
+    def __init__(self, config: TaskConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.dataset: Dataset = load_dataset(config.dataset, config.data_seed, dtype, device)
+        with torch.random.fork_rng(devices=()):  # the template's own init must not advance the global RNG
+            model = build_model(
+                config.arch,
+                config.depth,
+                config.width,
+                config.activation,
+                config.batchnorm,
+                self.dataset.input_shape,
+                self.dataset.n_outputs,
+            )
+        self.model: nn.Module = model.to(device=device, dtype=dtype)
+        self._initial_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+
+    @property
+    def is_classification(self) -> bool:
+        return self.dataset.is_classification
+
+    def generator(self, stream: str) -> torch.Generator:
+        """A CPU generator seeded from ``config.seed`` and a stream name, e.g. ``"init"`` or ``"data"``.
+
+        Separate streams keep the initialisation independent of how many batches were drawn, and
+        let meta-training and benchmarks reproduce the same task from its config alone.
+        """
+        key = np.random.SeedSequence((self.config.seed, zlib.crc32(stream.encode())))
+        return torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0]))
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        """Fresh parameters (default init times ``init_scale``), a deterministic function of ``generator``."""
+        return init_parameters(self.model, generator, self.config.init_scale)
+
+    def buffers(self) -> Params:
+        """Fresh copies of the initial buffers (BatchNorm running statistics); empty for MLPs."""
+        return {n: b.clone() for n, b in self._initial_buffers.items()}
+
+    def build_module(self, generator: torch.Generator) -> nn.Module:
+        """A standalone module in train mode with :meth:`init_params`' values for the same generator state."""
+        module = copy.deepcopy(self.model)
+        module.load_state_dict({**self.init_params(generator), **self.buffers()})
+        return module.train()
+
+    def sample_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training minibatch of ``batch_size`` examples drawn with replacement from ``generator``."""
+        n = len(self.dataset.x_train)
+        idx = torch.randint(n, (self.config.batch_size,), generator=generator).to(self.dataset.x_train.device)
+        return self.dataset.x_train[idx], self.dataset.y_train[idx]
+
+    def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy for classification, mean squared error for regression."""
+        if self.is_classification:
+            return F.cross_entropy(output, target)
+        return F.mse_loss(output, target)
+
+    def _forward(self, params: Params, buffers: Params, x: torch.Tensor, training: bool) -> torch.Tensor:
+        self.model.train(training)
+        return functional_call(self.model, (params, buffers), (x,), strict=True)
+
+    def loss(self, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Params]:
+        """Training loss on ``(x, y)`` (train mode), differentiable w.r.t. ``params``, and the updated buffers.
+
+        BatchNorm updates running statistics in place in the buffers it is given; they are
+        copies here, so the caller's buffers (possibly saved by an earlier graph) are never
+        modified. Pass the returned buffers to the next step.
+        """
+        new_buffers = {n: b.clone() for n, b in buffers.items()}
+        return self.criterion(self._forward(params, new_buffers, x, training=True), y), new_buffers
+
+    def full_train_loss(self, params: Params, buffers: Params) -> torch.Tensor:
+        """Loss on the whole training split in eval mode (BatchNorm uses its running statistics)."""
+        output = self._forward(params, buffers, self.dataset.x_train, training=False)
+        return self.criterion(output, self.dataset.y_train)
+
+    @torch.no_grad()
+    def test_metrics(self, params: Params, buffers: Params) -> dict[str, float]:
+        """Test-split ``loss`` (and ``accuracy`` for classification) in eval mode."""
+        output = self._forward(params, buffers, self.dataset.x_test, training=False)
+        metrics = {"loss": self.criterion(output, self.dataset.y_test).item()}
+        if self.is_classification:
+            metrics["accuracy"] = (output.argmax(dim=1) == self.dataset.y_test).float().mean().item()
+        return metrics
+
+
+# --- the train / held-out split ------------------------------------------------------------
+
+SAMPLED_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": (16, 24, 32, 40, 48, 64, 96, 128), "cnn": (4, 8, 12, 16, 24, 32)}
+"""Widths the sampler draws from; the held-out ones among them are removed from the train split."""
+N_SAMPLED_DATA_SEEDS = 10
+CNN_PROBABILITY = 0.25
+BATCH_SIZE_RANGE = (16, 128)
+INIT_SCALE_RANGE = (0.5, 2.0)
+DEFAULT_HORIZON_RANGE = (200, 1000)
+
+HELD_OUT_SIGNATURES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
+    {"arch": ("mlp",), "width": (40, 128)},
+    {"arch": ("cnn",), "width": (12, 32)},
+    {"dataset": ("wine",)},
+    {"arch": ("mlp",), "depth": (4,), "activation": ("gelu",)},
+    {"data_seed": (8, 9)},
+)
+"""Properties reserved for evaluation: a config is held-out when, for some signature, each named
+field takes one of the listed values. ``sample_task_config(split="train")`` never returns one."""
+
+
+def held_out_properties(config: TaskConfig) -> tuple[str, ...]:
+    """The held-out signatures ``config`` matches, as readable strings; empty for a train-split task."""
+    return tuple(
+        ", ".join(f"{field}={getattr(config, field)!r}" for field in signature)
+        for signature in HELD_OUT_SIGNATURES
+        if all(getattr(config, field) in values for field, values in signature.items())
+    )
+
+
+HELD_OUT: tuple[TaskConfig, ...] = (
+    TaskConfig("digits", "mlp", depth=2, width=128, name="mlp_digits_w128"),
+    TaskConfig("digits", "mlp", depth=3, width=40, activation="tanh", name="mlp_digits_w40_tanh"),
+    TaskConfig("wine", "mlp", depth=2, width=32, name="mlp_wine"),
+    TaskConfig("gaussian_mixture", "mlp", depth=4, width=64, activation="gelu", name="mlp_mixture_deep_gelu"),
+    TaskConfig("teacher", "mlp", depth=2, width=64, activation="tanh", data_seed=8, name="mlp_teacher_unseen"),
+    TaskConfig("digits", "cnn", depth=2, width=32, batchnorm=True, name="cnn_digits_c32_bn"),
+    TaskConfig("digits", "cnn", depth=3, width=12, activation="tanh", name="cnn_digits_c12_tanh"),
+)
+"""Named evaluation tasks, each with at least one held-out property (vary ``seed`` for repeats)."""
+
+
+def _index(rng: Rng, n: int) -> int:
+    return rng.randrange(n) if isinstance(rng, random.Random) else int(rng.integers(n))
+
+
+def _choice(rng: Rng, options: tuple[Any, ...]) -> Any:
+    return options[_index(rng, len(options))]
+
+
+def _log_uniform(rng: Rng, lo: float, hi: float) -> float:
+    return math.exp(float(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def _log_uniform_int(rng: Rng, lo: int, hi: int) -> int:
+    """An int in ``[lo, hi]`` whose log is roughly uniform."""
+    return min(hi, int(_log_uniform(rng, lo, hi + 1)))
+
+
+def _sample_any(rng: Rng, horizon_range: tuple[int, int]) -> TaskConfig:
+    """One draw from the whole space, train and held-out properties alike."""
+    arch = "cnn" if rng.uniform(0.0, 1.0) < CNN_PROBABILITY else "mlp"
+    lo, hi = DEPTH_RANGE[arch]
+    return TaskConfig(
+        dataset=_choice(rng, IMAGE_DATASETS if arch == "cnn" else DATASETS),
+        arch=arch,
+        depth=lo + _index(rng, hi - lo + 1),
+        width=_choice(rng, SAMPLED_WIDTHS[arch]),
+        activation=_choice(rng, tuple(ACTIVATIONS)),
+        batchnorm=arch == "cnn" and _index(rng, 2) == 1,
+        batch_size=_log_uniform_int(rng, *BATCH_SIZE_RANGE),
+        init_scale=_log_uniform(rng, *INIT_SCALE_RANGE),
+        horizon=_log_uniform_int(rng, *horizon_range),
+        seed=_index(rng, 2**31),
+        data_seed=_index(rng, N_SAMPLED_DATA_SEEDS),
+    )
+
+
+def sample_task_config(
+    rng: Rng, split: str = "train", horizon_range: tuple[int, int] = DEFAULT_HORIZON_RANGE
+) -> TaskConfig:
+    """A random task config, a deterministic function of ``rng``'s state.
+
+    ``split="train"`` gives tasks with no held-out property (the meta-training distribution);
+    ``split="held_out"`` gives tasks with at least one. Architecture, dataset (CNNs read images),
+    depth, width, activation, BatchNorm, batch size (log-uniform), init scale (log-uniform in
+    ``INIT_SCALE_RANGE``), horizon (log-uniform in ``horizon_range``, inclusive) and seeds are
+    drawn from one distribution and rejected until the split's condition holds.
+    """
+    if split not in ("train", "held_out"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'held_out'")
+    lo, hi = horizon_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"horizon_range must satisfy 1 <= lo <= hi, got {horizon_range}")
+    want_held_out = split == "held_out"
+    while True:
+        config = _sample_any(rng, horizon_range)
+        if bool(held_out_properties(config)) == want_held_out:
+            return config

@@ -1,0 +1,326 @@
+"""Tests of the task distribution: datasets, task configs, functional losses, and the held-out split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from meta_train import datasets
+from meta_train.datasets import DATASETS, load_dataset
+from meta_train.task_models import WIDTH_RANGE
+from meta_train.tasks import (
+    HELD_OUT,
+    SAMPLED_WIDTHS,
+    Task,
+    TaskConfig,
+    held_out_properties,
+    sample_task_config,
+)
+
+MLP_DIGITS = TaskConfig("digits", "mlp", depth=2, width=32, batch_size=64)
+CNN_BN = TaskConfig("digits", "cnn", depth=2, width=8, batchnorm=True, batch_size=32)
+CNN_PLAIN = TaskConfig("digits", "cnn", depth=1, width=4, activation="tanh", batch_size=16)
+REGRESSION = TaskConfig("teacher", "mlp", depth=2, width=64, activation="gelu", batch_size=64)
+SMALL_TASKS = (MLP_DIGITS, CNN_BN, CNN_PLAIN, REGRESSION)
+task_ids = pytest.mark.parametrize("config", SMALL_TASKS, ids=lambda c: f"{c.dataset}-{c.arch}-bn{int(c.batchnorm)}")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def grads_of(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def trainable(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.requires_grad_() for k, v in params.items()}
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_dataset_loads_standardised_and_consistent(name):
+    d = load_dataset(name)
+    assert d.x_train.dtype == torch.float32 and d.x_test.dtype == torch.float32
+    assert len(d.x_train) == len(d.y_train) > len(d.x_test) == len(d.y_test) > 0
+    assert d.x_test.shape[1:] == d.x_train.shape[1:]
+    assert torch.isfinite(d.x_train).all() and torch.isfinite(d.x_test).all()
+    columns = d.x_train.reshape(len(d.x_train), -1)
+    std = columns.std(dim=0, unbiased=False)
+    varying = std > 1e-6
+    assert varying.sum() >= columns.shape[1] * 0.9  # digits has a few always-blank pixels
+    assert columns.mean(dim=0).abs().max() < 1e-4
+    assert torch.allclose(std[varying], torch.ones(()), atol=1e-4)
+    if d.is_classification:
+        assert d.y_train.dtype == torch.int64
+        assert set(d.y_train.tolist()) == set(range(d.n_outputs))
+    else:
+        assert d.y_train.dtype == torch.float32 and d.y_train.shape == (len(d.x_train), d.n_outputs)
+        assert torch.isfinite(d.y_train).all()
+    assert load_dataset(name) is d  # cached
+
+
+def test_digits_are_images():
+    d = load_dataset("digits")
+    assert d.is_image and d.input_shape == (1, 8, 8) and d.n_outputs == 10
+
+
+@pytest.mark.parametrize("name", ["digits", "teacher", "gaussian_mixture"])
+def test_dataset_deterministic_from_seed(name):
+    build = datasets._arrays.__wrapped__  # bypass the cache to rebuild from scratch
+    a, b, c = build(name, 3), build(name, 3), build(name, 4)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+
+
+def test_dataset_dtype_and_unknown_name():
+    assert load_dataset("iris", dtype=torch.float64).x_train.dtype == torch.float64
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json():
+    rng = random.Random(1)
+    configs = [sample_task_config(rng) for _ in range(20)] + list(HELD_OUT)
+    for config in configs:
+        d = json.loads(json.dumps(config.to_dict()))
+        assert TaskConfig.from_dict(d) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dataset": "mnist"}, "unknown dataset"),
+        ({"activation": "sigmoid"}, "unknown activation"),
+        ({"arch": "rnn"}, "unknown arch"),
+        ({"width": 8}, "width 8 out of range for mlp"),
+        ({"width": 129}, "width 129 out of range for mlp"),
+        ({"arch": "cnn", "dataset": "digits", "width": 64}, "width 64 out of range for cnn"),
+        ({"depth": 0}, "depth must be >= 1"),
+        ({"depth": 5}, "depth 5 out of range for mlp"),
+        ({"arch": "cnn", "dataset": "digits", "width": 8, "depth": 4}, "depth 4 out of range for cnn"),
+        ({"depth": 2.0}, "depth must be an int"),
+        ({"batchnorm": True}, "batchnorm is only available"),
+        ({"arch": "cnn", "width": 8}, "needs an image dataset"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"horizon": 0}, "horizon must be >= 1"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"init_scale": math.nan}, "init_scale"),
+    ],
+)
+def test_bad_config_values_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TaskConfig(**{"dataset": "iris", **overrides})
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown TaskConfig fields"):
+        TaskConfig.from_dict({**MLP_DIGITS.to_dict(), "lr": 0.1})
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+@task_ids
+def test_shapes(config):
+    task = Task(config)
+    params = task.init_params(seeded(0))
+    assert {k: v.shape for k, v in params.items()} == {k: v.shape for k, v in task.model.named_parameters()}
+    assert set(task.buffers()) == {k for k, _ in task.model.named_buffers()}
+    assert bool(task.buffers()) == config.batchnorm
+    x, y = task.sample_batch(seeded(0))
+    assert x.shape == (config.batch_size, *task.dataset.input_shape) and len(y) == config.batch_size
+    loss, _ = task.loss(params, task.buffers(), x, y)
+    assert loss.shape == () and torch.isfinite(loss)
+    if config.arch == "cnn":
+        kinds = {type(m).__name__ for m in task.model.modules()}
+        assert {"Conv2d", "AdaptiveAvgPool2d", "Linear"} <= kinds
+        assert ("BatchNorm2d" in kinds) == config.batchnorm
+    else:
+        assert sum(isinstance(m, torch.nn.Linear) for m in task.model.modules()) == config.depth + 1
+
+
+@task_ids
+def test_init_and_batches_deterministic(config):
+    task, again = Task(config), Task(config)
+    p0, p0b, p1 = task.init_params(seeded(0)), again.init_params(seeded(0)), task.init_params(seeded(1))
+    for k in p0:
+        assert torch.equal(p0[k], p0b[k])
+    assert any(not torch.equal(p0[k], p1[k]) for k in p0)
+    (x0, y0), (x0b, y0b) = task.sample_batch(seeded(5)), again.sample_batch(seeded(5))
+    x1, _ = task.sample_batch(seeded(6))
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b) and not torch.equal(x0, x1)
+    module = task.build_module(seeded(0))
+    for k, v in module.named_parameters():
+        assert torch.equal(v, p0[k])
+
+
+def test_generator_streams_follow_config_seed():
+    def draw(t: Task, stream: str) -> torch.Tensor:
+        return torch.rand(4, generator=t.generator(stream))
+
+    task = Task(MLP_DIGITS)
+    assert torch.equal(draw(task, "init"), draw(Task(MLP_DIGITS), "init"))
+    assert not torch.equal(draw(task, "init"), draw(task, "data"))
+    assert not torch.equal(draw(task, "init"), draw(Task(dataclasses.replace(MLP_DIGITS, seed=1)), "init"))
+
+
+def test_building_a_task_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    Task(CNN_BN).init_params(seeded(0))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_init_scale_multiplies_default_init():
+    task = Task(CNN_BN)
+    base = task.init_params(seeded(0))
+    scaled = Task(dataclasses.replace(CNN_BN, init_scale=2.0)).init_params(seeded(0))
+    modules = dict(task.model.named_modules())
+    for k, v in base.items():
+        is_norm = isinstance(modules[k.rsplit(".", 1)[0]], torch.nn.BatchNorm2d)
+        torch.testing.assert_close(scaled[k], v if is_norm else 2 * v)
+    w = base["0.weight"]
+    bound = 1 / math.sqrt(w[0].numel())
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+
+
+@task_ids
+def test_loss_differentiable_for_every_param(config):
+    task = Task(config)
+    params = trainable(task.init_params(seeded(0)))
+    loss, _ = task.loss(params, task.buffers(), *task.sample_batch(seeded(0)))
+    for name, g in grads_of(loss, params).items():
+        assert torch.isfinite(g).all() and g.abs().max() > 1e-5, name  # not merely rounding noise
+
+
+def test_functional_batchnorm_matches_module_in_train_mode():
+    task = Task(CNN_BN)
+    module = task.build_module(seeded(0))
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = task.buffers()
+    before = {k: v.clone() for k, v in buffers.items()}
+    x, y = task.sample_batch(seeded(1))
+    loss, new_buffers = task.loss(params, buffers, x, y)
+    torch.testing.assert_close(loss, task.criterion(module(x), y))
+    for k, v in module.named_buffers():
+        torch.testing.assert_close(new_buffers[k], v)
+    assert not torch.equal(new_buffers["1.running_mean"], before["1.running_mean"])
+    for k in buffers:  # the caller's buffers are untouched
+        assert torch.equal(buffers[k], before[k])
+
+
+def test_buffers_reused_across_steps_keep_autograd_valid():
+    """Train steps that reuse one buffer dict, and an eval-mode loss that reads running stats, share one graph."""
+    task = Task(CNN_BN)
+    params = trainable(task.init_params(seeded(0)))
+    l1, b1 = task.loss(params, task.buffers(), *task.sample_batch(seeded(1)))
+    full = task.full_train_loss(params, b1)
+    l2, _ = task.loss(params, b1, *task.sample_batch(seeded(2)))
+    l2b, _ = task.loss(params, b1, *task.sample_batch(seeded(3)))
+    grads = grads_of(l1 + l2 + l2b + full, params)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_metrics_in_eval_mode():
+    task = Task(CNN_BN)
+    params, buffers = task.init_params(seeded(0)), task.buffers()
+    metrics = task.test_metrics(params, buffers)
+    assert set(metrics) == {"loss", "accuracy"} and 0 <= metrics["accuracy"] <= 1
+    _, trained_buffers = task.loss(params, buffers, *task.sample_batch(seeded(0)))
+    assert task.test_metrics(params, trained_buffers)["loss"] != metrics["loss"]  # running stats are used
+    regression = Task(REGRESSION)
+    assert set(regression.test_metrics(regression.init_params(seeded(0)), {})) == {"loss"}
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU slows two-thread runs badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(
+    "config, steps, lr, ratio",
+    [(MLP_DIGITS, 200, 1e-2, 0.01), (CNN_BN, 300, 2e-2, 0.4), (REGRESSION, 300, 1e-2, 0.25)],
+    ids=["mlp-digits", "cnn-bn-digits", "regression"],
+)
+def test_adam_on_module_reduces_training_loss(config, steps, lr, ratio):
+    task = Task(config)
+    module = task.build_module(task.generator("init"))
+
+    def full_loss() -> float:
+        return task.full_train_loss(dict(module.named_parameters()), dict(module.named_buffers())).item()
+
+    before = full_loss()
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    data = task.generator("data")
+    for _ in range(steps):
+        x, y = task.sample_batch(data)
+        opt.zero_grad()
+        task.criterion(module(x), y).backward()
+        opt.step()
+    assert full_loss() < ratio * before
+
+
+# --- the train / held-out split -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_rng", [random.Random, np.random.default_rng], ids=["random", "numpy"])
+def test_train_split_never_produces_held_out_properties(make_rng):
+    rng = make_rng(0)
+    configs = [sample_task_config(rng) for _ in range(2000)]
+    held_out_names = {c.name for c in HELD_OUT}
+    for c in configs:
+        assert c.dataset != "wine"
+        assert c.width not in {"mlp": (40, 128), "cnn": (12, 32)}[c.arch]
+        assert not (c.arch == "mlp" and c.depth == 4 and c.activation == "gelu")
+        assert c.data_seed < 8
+        assert held_out_properties(c) == () and c.name not in held_out_names
+        assert 16 <= c.batch_size <= 128 and 0.5 <= c.init_scale <= 2.0 and 200 <= c.horizon <= 1000
+    # the distribution is not degenerate: every train value of each property occurs
+    assert {c.dataset for c in configs} == set(DATASETS) - {"wine"}
+    assert {c.activation for c in configs} == {"relu", "tanh", "gelu"}
+    assert {(c.arch, c.batchnorm) for c in configs} == {("mlp", False), ("cnn", False), ("cnn", True)}
+    assert {c.width for c in configs if c.arch == "mlp"} == {16, 24, 32, 48, 64, 96}
+    assert {c.depth for c in configs if c.arch == "cnn"} == {1, 2, 3}
+
+
+def test_held_out_tasks():
+    assert len({c.name for c in HELD_OUT}) == len(HELD_OUT) and all(c.name for c in HELD_OUT)
+    assert any(c.arch == "cnn" for c in HELD_OUT)
+    for c in HELD_OUT:
+        assert held_out_properties(c), c.name
+        task = Task(c)
+        loss, _ = task.loss(task.init_params(seeded(0)), task.buffers(), *task.sample_batch(seeded(0)))
+        assert torch.isfinite(loss)
+    for arch, widths in SAMPLED_WIDTHS.items():
+        assert all(WIDTH_RANGE[arch][0] <= w <= WIDTH_RANGE[arch][1] for w in widths)
+
+
+def test_sampling_deterministic_split_and_ranges():
+    assert [sample_task_config(random.Random(7)) for _ in range(3)] == [sample_task_config(random.Random(7))] * 3
+    rng = random.Random(0)
+    assert sample_task_config(rng) != sample_task_config(rng)
+    held = [sample_task_config(rng, split="held_out", horizon_range=(10, 20)) for _ in range(200)]
+    assert all(held_out_properties(c) and 10 <= c.horizon <= 20 for c in held)
+    assert {c.horizon for c in held} == set(range(10, 21))
+    with pytest.raises(ValueError, match="unknown split"):
+        sample_task_config(rng, split="test")
+    with pytest.raises(ValueError, match="horizon_range"):
+        sample_task_config(rng, horizon_range=(100, 10))
