@@ -110,10 +110,10 @@ class LearnedUpdate(nn.Module):
         limit = self.config.max_log_scale
         new_params = []
         for p, (u, _), y, ok, lr, wd in zip(params, directions, out, oks, lrs, weight_decays):
-            step = (u + beta * y[0]) * torch.exp(torch.clamp(gamma * y[1], -limit, limit))
-            rate = (lr * ok) * alpha.to(p.dtype)
+            step = torch.addcmul(u, beta, y[0]) * torch.exp(torch.clamp(gamma * y[1], -limit, limit))
+            rate = (lr * ok) * alpha
             decayed = p * (1 - rate * wd) if wd else p
-            new_params.append(decayed - rate * step)
+            new_params.append(torch.addcmul(decayed, -rate, step))
         return new_params, states, oks
 
     def scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -88,15 +88,22 @@ class NFNOptimizer(Optimizer):
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, ckpt: str | Path | None = None, params: Iterable[Any] | None = None, **kwargs: Any
+        cls,
+        model: nn.Module,
+        ckpt: str | Path | None = None,
+        params: Iterable[Any] | None = None,
+        example_inputs: tuple | torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> NFNOptimizer:
         """An optimizer that knows the model's structure, so the NFN couples connected layers.
 
         ``params`` (default: ``model.parameters()``) may be param groups of the model's parameters.
+        ``example_inputs`` let the structure inference follow shapes (a flatten of a 1x1 map, a
+        BatchNorm1d); see :func:`nfopt.labelling.label_model`.
         """
         from .labelling import label_model  # torch.fx machinery, only needed here
 
-        spec = label_model(model).params
+        spec = label_model(model, example_inputs).params
         by_id = {id(p): t for p, t in zip(model.parameters(), spec.tensors)}
         opt = cls(model.parameters() if params is None else params, ckpt, **kwargs)
         for p in opt._all_params():
