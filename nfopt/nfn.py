@@ -68,15 +68,11 @@ class NFN(nn.Module):
 
 
 def _check_features(spec: WeightSpaceSpec, xs: Sequence[torch.Tensor], channels: int) -> None:
-    """Features are (channels, *shape) per tensor of the spec."""
-    if len(xs) != len(spec):
-        raise ValueError(f"expected features for {len(spec)} tensors, got {len(xs)}")
+    """Features are dense real tensors of shape (channels, *shape), one per tensor of the spec."""
+    spec.check_tensors(xs, leading=1, what="feature")
     for i, (x, t) in enumerate(zip(xs, spec.tensors)):
-        if tuple(x.shape) != (channels, *t.shape):
-            raise ValueError(
-                f"features of tensor {t.name or i}: shape {tuple(x.shape)}, expected "
-                f"({channels}, *{t.shape}) = {(channels, *t.shape)}"
-            )
+        if x.shape[0] != channels:
+            raise ValueError(f"feature {t.name or i}: {x.shape[0]} channels, expected {channels}")
 
 
 class InvariantPool(nn.Module):

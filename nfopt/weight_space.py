@@ -176,23 +176,22 @@ class WeightSpaceSpec:
                     out[label].append((ti, ax))
         return {k: tuple(v) for k, v in out.items()}
 
-    def check_tensors(self, tensors: Sequence[torch.Tensor], trailing: int = 0, what: str = "tensor") -> None:
-        """Raise a ValueError naming the first tensor whose shape does not fit this space.
+    def check_tensors(self, tensors: Sequence[torch.Tensor], leading: int = 0, what: str = "tensor") -> None:
+        """Raise a ValueError naming the first tensor that does not fit this space.
 
-        ``trailing`` extra axes (feature channels) may follow each tensor's own shape.
+        ``leading`` extra axes (feature channels) may come before each tensor's own shape.
         """
         if len(tensors) != len(self.tensors):
             raise ValueError(f"expected {len(self.tensors)} {what}s for this weight space, got {len(tensors)}")
         for i, (x, t) in enumerate(zip(tensors, self.tensors)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{what} {t.name or i}: expected a torch.Tensor, got {type(x).__name__}")
-            if x.is_sparse or x.layout != torch.strided:
+            if x.layout != torch.strided:
                 raise ValueError(f"{what} {t.name or i}: sparse tensors are not supported (layout {x.layout})")
             if x.is_complex():
                 raise ValueError(f"{what} {t.name or i}: complex tensors are not supported (dtype {x.dtype})")
-            own = tuple(x.shape[: x.dim() - trailing]) if trailing else tuple(x.shape)
-            if x.dim() != len(t.shape) + trailing or own != t.shape:
-                extra = f" plus {trailing} channel axis" if trailing else ""
+            if x.dim() != len(t.shape) + leading or tuple(x.shape[leading:]) != t.shape:
+                extra = f" after {leading} channel axis" if leading else ""
                 raise ValueError(
                     f"{what} {t.name or i}: shape {tuple(x.shape)} does not fit the weight space, "
                     f"which expects {t.shape}{extra}"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nfopt.labelling import label_model
 from nfopt.nf_layer import N_RELATIONS, NFLayer, plan_for
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 from .weight_spaces import cnn_spec, every_relation_spec, mlp_spec, random_features, random_spec
+from .zoo import ZOO
 
 SPACES = {
     "mlp": mlp_spec([5, 4, 6, 3]),
@@ -163,3 +165,17 @@ def test_scale_is_the_same_as_scaling_the_inputs(name):
     direct = nf(spec, [x * s.reshape(-1, *[1] * (x.dim() - 1)) for x, s in zip(xs, scale)], ctx)
     for a, b in zip(folded, direct):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_equivariant_on_inferred_labellings(name):
+    """On every zoo model's inferred labelling: the layer commutes with its claimed symmetries."""
+    model, example = ZOO[name]()
+    labelling = label_model(model, (example,))
+    spec = labelling.params
+    nf = layer(ctx=0)
+    xs = random_features(spec, 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        perm = labelling.random_permutation(g)
+        assert max_equivariance_error(lambda x: nf(spec, x), spec, xs, perm) < 1e-12

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nfopt.nfn import NFN, InvariantPool
+from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 from .weight_spaces import cnn_spec, mlp_spec, random_features, random_spec
 
@@ -62,10 +63,23 @@ def test_gradients_reach_every_layer():
 
 def test_bad_input():
     spec = SPACES[0]
-    with pytest.raises(ValueError, match="expected features for 4 tensors"):
-        nfn()(spec, random_features(spec, 3)[:2])
-    with pytest.raises(ValueError, match=r"features of tensor w0: shape \(2, 5, 4\)"):
+    xs = random_features(spec, 3)
+    with pytest.raises(ValueError, match="expected 4 features"):
+        nfn()(spec, xs[:2])
+    with pytest.raises(ValueError, match="feature w0: 2 channels, expected 3"):
         nfn()(spec, random_features(spec, 2))
+    with pytest.raises(ValueError, match=r"feature b0: shape \(3, 4\) does not fit"):
+        nfn()(spec, [xs[0], xs[1][:, :4], *xs[2:]])
+    with pytest.raises(ValueError, match="feature w0: complex tensors"):
+        nfn()(spec, [xs[0].to(torch.complex128), *xs[1:]])
+    with pytest.raises(ValueError, match="feature w0: sparse tensors"):
+        nfn()(spec, [xs[0].to_sparse(), *xs[1:]])
+    with pytest.raises(ValueError, match="does not fit the weight space"):
+        WeightSpaceSpec.independent([(2, 3)]).check_tensors([torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match="neuron set 's' has size 3"):
+        WeightSpaceSpec((TensorSpec((3,), ("s",)), TensorSpec((4,), ("s",))))
+    with pytest.raises(ValueError, match="2 axis labels for a tensor of shape"):
+        TensorSpec((3,), ("a", "b"))
     with pytest.raises(ValueError, match="unknown activation"):
         NFN(3, 4, 2, activation="swish")
     with pytest.raises(ValueError, match="at least one layer"):
