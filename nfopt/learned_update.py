@@ -1,12 +1,14 @@
 """The learned update rule: features -> NFN -> a residual on Adam's step.
 
-    Δ = -lr · α · (u_adam + β·d) · exp(clamp(γ·c))
+    Δ = -lr · α · (u_adam + B·tanh(β·d / B)) · exp(clamp(γ·c, ±L))
 
 d and c are the NFN's two output channels, α, β, γ meta-learned positive scalars, each stored as
 the log of its ratio to the config's initial value (so that a fresh rule's α is the configured
 learning rate exactly, in any dtype).
 The NFN's last layer starts at zero, so a fresh rule is exactly Adam with learning rate α and
-meta-training moves away from Adam only where that helps. This module is the functional core
+meta-training moves away from Adam only where that helps. B (``max_deviation``) and L
+(``max_log_scale``) bound how far one step may stray from Adam's, per element: far from the
+meta-training distribution the rule stays a bounded perturbation of Adam. This module is the functional core
 shared by :class:`~nfopt.optimizer.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
 """
@@ -41,15 +43,16 @@ class UpdateConfig:
     alpha: float = 1e-3
     beta: float = 1.0
     gamma: float = 0.1
-    max_log_scale: float = 3.0
+    max_deviation: float = 3.0
+    max_log_scale: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
             object.__setattr__(self, "features", FeatureConfig.from_dict(self.features))
-        if min(self.alpha, self.beta, self.gamma, self.max_log_scale) <= 0:
+        if min(self.alpha, self.beta, self.gamma, self.max_deviation, self.max_log_scale) <= 0:
             raise ValueError(
-                f"alpha, beta, gamma and max_log_scale must be positive, got {self.alpha}, "
-                f"{self.beta}, {self.gamma}, {self.max_log_scale}"
+                f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
+                f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,10 +110,11 @@ class LearnedUpdate(nn.Module):
         context = torch.stack([c for _, _, c in feats])
         out = self.nfn(spec, xs, context, scale)
         alpha, beta, gamma = self.scalars()
-        limit = self.config.max_log_scale
+        bound, limit = self.config.max_deviation, self.config.max_log_scale
         new_params = []
         for p, (u, _), y, ok, lr, wd in zip(params, directions, out, oks, lrs, weight_decays):
-            step = torch.addcmul(u, beta, y[0]) * torch.exp(torch.clamp(gamma * y[1], -limit, limit))
+            deviation = torch.tanh(y[0] * (beta / bound))
+            step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * y[1], -limit, limit))
             rate = (lr * ok) * alpha
             decayed = p * (1 - rate * wd) if wd else p
             new_params.append(torch.addcmul(decayed, -rate, step))

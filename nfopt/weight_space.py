@@ -147,6 +147,10 @@ class WeightSpaceSpec:
                 sizes.setdefault(label, n)
                 owner.setdefault(label, f"tensor {t.name or idx}")
         object.__setattr__(self, "set_sizes", sizes)
+        object.__setattr__(self, "_hash", hash(self.tensors))
+
+    def __hash__(self) -> int:  # computed once: specs key caches on every optimizer step
+        return self._hash
 
     def __len__(self) -> int:
         return len(self.tensors)

@@ -116,3 +116,18 @@ def test_truncated_and_future_files_fail_loudly(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="positive"):
         UpdateConfig(alpha=0.0)
+
+
+def test_a_step_strays_from_adam_by_a_bounded_amount():
+    """However large the NFN's outputs, |Δ - Δ_adam·scale| stays within α·B·e^L per element."""
+    rule = LearnedUpdate().double()
+    with torch.no_grad():
+        rule.nfn.layers[-1].bias.fill_(1e6)  # drive both output channels far out
+    cfg = rule.config
+    p = torch.randn(5, 4, dtype=torch.float64)
+    state = init_state(p, cfg.features)
+    (new,), (state,), _ = rule(WeightSpaceSpec.independent([p]), [p], [torch.randn_like(p)], [state])
+    step = (p - new).abs()
+    u_max = 1 / (1 - cfg.features.momentum_decays[cfg.features.adam_momentum])  # |m̂/sqrt(v̂)| at step 1
+    assert step.max() <= cfg.alpha * (u_max + cfg.max_deviation) * torch.exp(torch.tensor(cfg.max_log_scale)) + 1e-12
+    assert step.min() > cfg.alpha  # and the outputs did act: larger than Adam's first step (α)
