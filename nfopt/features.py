@@ -90,12 +90,18 @@ def _constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return _cached_constant(tuple(values), like.dtype, like.device)
 
 
+_SQRT_FLOOR = 1e-30
+"""Inside sqrt(v̂): an exactly-zero gradient element (a constant input pixel, a dead ReLU) would
+otherwise give sqrt an infinite derivative and the meta-gradient NaN. Far below eps², so a fresh
+rule still steps as Adam."""
+
+
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's bias-corrected direction m̂/(sqrt(v̂)+eps), and sqrt(v̂); at step 0 both are zero."""
     t = state["step"].clamp(min=1)
     bc1 = 1 - cfg.momentum_decays[cfg.adam_momentum] ** t
     bc2 = 1 - cfg.beta2**t
-    root_v = (state["v"] / bc2).sqrt()
+    root_v = torch.sqrt(state["v"] / bc2 + _SQRT_FLOOR)
     u = state["momenta"][cfg.adam_momentum] / bc1 / (root_v + cfg.eps)
     return u, root_v
 

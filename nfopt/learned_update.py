@@ -101,7 +101,7 @@ class LearnedUpdate(nn.Module):
         lrs = [1.0] * n if lrs is None else lrs
         weight_decays = [0.0] * n if weight_decays is None else weight_decays
         oks = [torch.isfinite(g.sum()).to(g.dtype) for g in grads]  # one read; inf/NaN survive a sum
-        grads = [torch.where(ok > 0, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g, ok in zip(grads, oks)]
+        grads = [torch.where(ok > 0, g, 0.0) for g, ok in zip(grads, oks)]
         states = [update_statistics(g, s, cfg, ok) for g, s, ok in zip(grads, states, oks)]
         directions = [adam_direction(s, cfg) for s in states]
         feats = [features(p, g, s, u, r, cfg) for p, g, s, (u, r) in zip(params, grads, states, directions)]

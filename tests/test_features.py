@@ -72,7 +72,16 @@ def test_features_shape_and_horizon_free_context():
 def test_adam_direction_at_step_zero_is_zero():
     state = init_state(torch.randn(3), CFG)
     u, root_v = adam_direction(state, CFG)
-    assert torch.count_nonzero(u) == 0 and torch.count_nonzero(root_v) == 0
+    assert torch.count_nonzero(u) == 0 and root_v.max() < 1e-14
+
+
+def test_meta_gradient_is_finite_where_a_gradient_is_exactly_zero():
+    p = torch.zeros(3)
+    g = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)
+    state = update_statistics(g, init_state(p, CFG), CFG, torch.ones(()))
+    u, root_v = adam_direction(state, CFG)
+    (u.sum() + root_v.sum()).backward()
+    assert torch.isfinite(g.grad).all()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,5 @@
+"""``python -m meta_train``: see :mod:`meta_train.cli`."""
+
+from .cli import main
+
+main()

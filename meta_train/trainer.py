@@ -1,0 +1,319 @@
+"""The meta-trainer: several inner runs per meta-step, averaged meta-gradients, meta-Adam.
+
+Each meta-step unrolls one truncation of every task slot, takes each task's meta-gradient
+separately (a task whose meta-loss or meta-gradient is non-finite is dropped and counted, so one
+diverging task cannot poison the step), averages the rest over every slot of every rank, clips
+the average by its norm and applies meta-Adam. A step with no finite task, or a non-finite
+average, is skipped and counted; all ranks see the same summed tensor, so they agree on it.
+
+``tasks_per_step`` task slots are shared out over the ranks (rank r holds a contiguous block).
+A slot draws a new task when its task reaches its horizon (or diverges); the n-th task of slot s
+is a pure function of (seed, s, n). So the ranks train different tasks, and a run over several
+processes computes what one process with all the slots computes (the same tasks, the same
+average) up to the order of a floating-point sum: bit for bit when two ranks hold one slot each.
+The in-flight runs are part of the training state, so a run resumed from a checkpoint replays
+exactly what it would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nfopt.learned_update import LearnedUpdate, UpdateConfig
+
+from . import checkpointing
+from .distributed import Group
+from .init_rule import init_rule
+from .tasks import TaskConfig, sample_task_config
+from .unroll import LOSS_EPS, InnerRun
+
+OPERATIONAL_FIELDS: frozenset[str] = frozenset(
+    {"meta_steps", "device", "threads", "out", "checkpoint", "checkpoint_every", "log_dir", "log_every"}
+)
+"""Fields a resumed run may change: where it writes, how often, and how long it goes on."""
+
+CHECKPOINT_FORMAT = 1
+"""Version of the training-checkpoint layout (:meth:`MetaTrainer.state_dict`)."""
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Every hyper-parameter of a meta-training run.
+
+    ``tasks_per_step``: tasks per meta-step over all processes (a multiple of their number).
+    ``horizon_min``/``horizon_max``: inner horizons T are drawn log-uniformly from this range.
+    ``first_order``: inner gradients are treated as constants of the rule (cheaper, biased).
+    ``loss_eps``: added to the inner loss inside the meta-loss's log. ``rule``: the update rule
+    meta-trained (its initial weights come from ``seed``).
+    ``threads``: intra-op threads per process (one per process is fastest for these small tasks;
+    use several processes to use several cores). ``checkpoint``: training-checkpoint path, by
+    default ``out`` + ``.train.pt``. ``log_dir``: TensorBoard directory, none if empty.
+    """
+
+    seed: int = 0
+    meta_steps: int = 1000
+    tasks_per_step: int = 4
+    unroll_length: int = 10
+    horizon_min: int = 200
+    horizon_max: int = 1000
+    meta_lr: float = 1e-3
+    clip: float = 1.0
+    first_order: bool = False
+    loss_eps: float = LOSS_EPS
+    rule: UpdateConfig = UpdateConfig()
+    device: str = "cpu"
+    threads: int = 1
+    out: str = "meta_trained.nfopt"
+    checkpoint: str = ""
+    checkpoint_every: int = 50
+    log_dir: str = ""
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rule, dict):
+            try:
+                object.__setattr__(self, "rule", UpdateConfig(**self.rule))
+            except TypeError as e:
+                raise ValueError(f"rule: {e}") from e
+        for name, kind in _field_types(MetaConfig).items():
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}")
+        positive = ("meta_steps", "tasks_per_step", "unroll_length", "horizon_min", "checkpoint_every", "log_every",
+                    "threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.horizon_max < self.horizon_min:
+            raise ValueError(f"horizon_max {self.horizon_max} is below horizon_min {self.horizon_min}")
+        if self.meta_lr <= 0 or self.clip <= 0 or self.loss_eps <= 0:
+            raise ValueError(
+                f"meta_lr, clip and loss_eps must be positive, got {self.meta_lr}, {self.clip}, {self.loss_eps}"
+            )
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.checkpoint or f"{self.out}.train.pt"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MetaConfig:
+        """A config from a dict (a JSON file); unknown keys raise ``ValueError``."""
+        unknown = set(d) - set(_field_types(cls))
+        if unknown:
+            raise ValueError(f"unknown meta-training config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def with_overrides(self, assignments: list[str]) -> MetaConfig:
+        """This config with ``key=value`` strings applied, each value parsed as its field's type.
+
+        Dotted keys reach into the rule's config: ``rule.hidden_channels=16``. Values of fields
+        that are not int, float, bool or str are read as JSON.
+        """
+        config = self
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ValueError(f"an override must look like key=value, got {item!r}")
+            config = _assign(config, key.split("."), text, key)
+        return config
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field of a config dataclass and its type."""
+    return {name: kind for name, kind in typing.get_type_hints(cls).items() if not name.startswith("_")}
+
+
+def _assign(obj: Any, path: list[str], text: str, key: str) -> Any:
+    """``obj`` (a config dataclass) with the field at ``path`` set from ``text``."""
+    types = _field_types(type(obj))
+    if path[0] not in types:
+        raise ValueError(f"unknown config field {key!r}")
+    kind = types[path[0]]
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(kind):
+            raise ValueError(f"config field {key!r}: {path[0]} has no fields")
+        value = _assign(getattr(obj, path[0]), path[1:], text, key)
+    else:
+        value = _parse(kind, text, key)
+    return dataclasses.replace(obj, **{path[0]: value})
+
+
+def _parse(kind: Any, text: str, key: str) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text) if kind in (int, float, str) else json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{key} takes a {getattr(kind, '__name__', kind)}, got {text!r}") from e
+
+
+class MetaTrainer:
+    """The rule, its meta-optimizer and this rank's task slots; :meth:`meta_step` is one update.
+
+    All ranks build the same rule from ``config.seed`` and apply the same averaged gradient, so
+    their rules stay identical; each rank trains its own block of task slots.
+    """
+
+    def __init__(self, config: MetaConfig, group: Group = Group(), device: torch.device | str | None = None) -> None:
+        self.config = config
+        self.group = group
+        self.device = torch.device(config.device if device is None else device)
+        self.rule: LearnedUpdate = init_rule(config.rule, config.seed).to(self.device)
+        self.params = list(self.rule.parameters())
+        self.meta_opt = torch.optim.Adam(self.params, lr=config.meta_lr)
+        self.step = 0
+        if config.tasks_per_step % group.world_size:
+            raise ValueError(f"tasks_per_step {config.tasks_per_step} is not a multiple of the "
+                             f"{group.world_size} processes")
+        local = config.tasks_per_step // group.world_size
+        self.slots = range(group.rank * local, (group.rank + 1) * local)
+        self.runs: list[InnerRun | None] = [None] * local
+        self.draws = [0] * local
+        self.counters = {"inner_steps": 0, "tasks_drawn": 0, "dropped_tasks": 0, "skipped_steps": 0}
+        seed = int(np.random.SeedSequence([config.seed, group.rank]).generate_state(1)[0])
+        checkpointing.set_global_seeds(seed)
+
+    def task_config(self, slot: int, draw: int) -> TaskConfig:
+        """The ``draw``-th task of (global) ``slot``: a pure function of (seed, slot, draw)."""
+        rng = np.random.default_rng([self.config.seed, slot, draw])
+        return sample_task_config(rng, "train", (self.config.horizon_min, self.config.horizon_max))
+
+    def _run(self, i: int) -> tuple[InnerRun, int]:
+        """The run of this rank's ``i``-th slot, a new one if the last is done; and how many tasks were drawn."""
+        run = self.runs[i]
+        drawn = 0
+        while run is None or run.done:
+            run = InnerRun.start(self.task_config(self.slots[i], self.draws[i]), self.rule.config.features, self.device)
+            self.draws[i] += 1
+            drawn += 1
+        self.runs[i] = run
+        return run, drawn
+
+    def meta_step(self) -> dict[str, float]:
+        """One truncation of every slot and one meta-update; returns this step's statistics (all ranks).
+
+        Statistics: ``meta_loss`` and ``inner_loss`` (means over the finite tasks of all ranks;
+        NaN when there were none), ``grad_norm`` (before clipping), ``inner_steps``,
+        ``tasks_drawn``, ``dropped_tasks``, ``skipped`` (1 when the update was skipped), and
+        the rule's ``alpha``, ``beta``, ``gamma`` after the update.
+        """
+        cfg = self.config
+        grad_sum = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.device)
+        keys = ("finite_tasks", "meta_loss", "inner_loss", "inner_steps", "tasks_drawn", "dropped_tasks")
+        local = dict.fromkeys(keys, 0.0)
+        for i in range(len(self.runs)):
+            run, drawn = self._run(i)
+            meta_loss, info = run.unroll(self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps)
+            local["inner_steps"] += info["steps"]
+            local["tasks_drawn"] += drawn
+            flat = None
+            if torch.isfinite(meta_loss):
+                grads = torch.autograd.grad(meta_loss, self.params, materialize_grads=True)
+                flat = torch.cat([g.reshape(-1) for g in grads])
+            if flat is None or not bool(torch.isfinite(flat).all()):
+                local["dropped_tasks"] += 1
+                continue
+            grad_sum += flat
+            local["finite_tasks"] += 1
+            local["meta_loss"] += meta_loss.item()
+            local["inner_loss"] += info["losses"].mean().item()
+        # One all-reduce carries the gradient sum and the statistics of every rank.
+        packet = self.group.all_reduce_sum(torch.cat([grad_sum, grad_sum.new_tensor(list(local.values()))]))
+        grad_sum = packet[: grad_sum.numel()]
+        total = dict(zip(local, packet[grad_sum.numel():].tolist()))
+        finite = total.pop("finite_tasks")
+        grad_norm = float("nan")
+        if finite > 0:
+            grad = (grad_sum / finite).to(self.params[0].dtype)
+            for p, g in zip(self.params, grad.split([p.numel() for p in self.params])):
+                p.grad = g.view_as(p)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip))
+        skipped = not np.isfinite(grad_norm)
+        if not skipped:
+            self.meta_opt.step()
+        self.meta_opt.zero_grad(set_to_none=True)
+        self.step += 1
+        for key in ("inner_steps", "tasks_drawn", "dropped_tasks"):
+            self.counters[key] += int(total[key])
+        self.counters["skipped_steps"] += int(skipped)
+        with torch.no_grad():
+            alpha, beta, gamma = (s.item() for s in self.rule.scalars())
+        nan = float("nan")
+        return {
+            **total,
+            "meta_loss": total["meta_loss"] / finite if finite else nan,
+            "inner_loss": total["inner_loss"] / finite if finite else nan,
+            "grad_norm": grad_norm,
+            "skipped": float(skipped),
+            "alpha": alpha,
+            "beta": beta,
+            "gamma": gamma,
+        }
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole training state on rank 0 (``None`` on other ranks); a collective: every rank calls it.
+
+        Holds the rule, meta-Adam, counters, config, and per rank its in-flight runs, task draw
+        counts and global RNG states: enough to continue exactly.
+        """
+        local = {
+            "runs": [None if r is None else r.state_dict() for r in self.runs],
+            "draws": list(self.draws),
+            "rng": checkpointing.rng_states(),
+        }
+        ranks = self.group.gather_to_main(local)
+        if ranks is None:
+            return None
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "world_size": self.group.world_size,
+            "step": self.step,
+            "counters": dict(self.counters),
+            "rule": self.rule.state_dict(),
+            "meta_opt": self.meta_opt.state_dict(),
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (every rank loads the same dict)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"training checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        if state["world_size"] != self.group.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} processes, this run has "
+                f"{self.group.world_size}: resume with the same number"
+            )
+        saved = MetaConfig.from_dict(state["config"])
+        changed = sorted(
+            f.name for f in dataclasses.fields(saved)
+            if f.name not in OPERATIONAL_FIELDS and getattr(saved, f.name) != getattr(self.config, f.name)
+        )
+        if changed:
+            raise ValueError(f"the checkpoint was trained with different values of {changed}; only "
+                             f"{sorted(OPERATIONAL_FIELDS)} may change on resume")
+        self.rule.load_state_dict(state["rule"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        self.step = state["step"]
+        self.counters = dict(state["counters"])
+        mine = state["ranks"][self.group.rank]
+        self.runs = [None if r is None else InnerRun.from_state_dict(r, self.device) for r in mine["runs"]]
+        self.draws = list(mine["draws"])
+        checkpointing.set_rng_states(mine["rng"])
+

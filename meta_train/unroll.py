@@ -1,0 +1,166 @@
+"""Truncated unrolled training of one task by a learned update rule.
+
+An :class:`InnerRun` is one task being trained from its initialisation to its horizon T, a
+truncation of K steps at a time. Each truncation unrolls K steps of the rule on the task's
+functional loss and returns the meta-loss, the mean over the unroll of log(inner loss + eps):
+log makes it scale-free across tasks, and eps keeps an exactly-zero float32 loss finite. Its
+graph reaches the rule's parameters (NFN weights and log-scalars) through every step. Between
+truncations the parameters, buffers, optimizer statistics and the last gradient are carried
+over detached, so memory does not grow with T and no graph reaches back into an earlier
+truncation.
+
+Each inner step evaluates the loss once: the forward pass at the new parameters is both a term of
+the meta-loss and the gradient of the next step (the last one is carried to the next truncation,
+so a truncation of K steps costs K forward/backward passes of the task, plus one at the start of
+a task).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nfopt.features import FeatureConfig, init_state
+from nfopt.labelling import label_model
+from nfopt.learned_update import LearnedUpdate
+from nfopt.weight_space import WeightSpaceSpec
+
+from .tasks import Task, TaskConfig
+
+LOSS_EPS = 1e-8
+"""Added to the inner loss inside the meta-loss's log."""
+
+_SPECS: dict[tuple[str, tuple[int, ...]], WeightSpaceSpec] = {}
+
+
+def task_spec(task: Task) -> WeightSpaceSpec:
+    """The labelled weight space of a task's model, inferred once per architecture and input shape.
+
+    The model's repr names every layer and its shape. Example inputs let the labelling couple
+    across shape-dependent operations (a CNN's flatten before its head). Reusing one spec object
+    also lets the NF-layers' per-spec plan cache hit at once.
+    """
+    key = (repr(task.model), task.dataset.input_shape)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = label_model(task.model, (task.dataset.x_train[:2],)).params
+    return spec
+
+
+class InnerRun:
+    """One task in training: its parameters, buffers, optimizer statistics, step and batch generator.
+
+    Everything it holds is detached. ``grads`` and ``loss`` are the gradient and loss at
+    ``params`` on the last batch drawn: the input of the next step.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        params: list[torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        grads: list[torch.Tensor],
+        loss: torch.Tensor,
+        step: int,
+        data_generator: torch.Generator,
+        diverged: bool = False,
+    ) -> None:
+        self.task = task
+        self.spec = task_spec(task)
+        self.names = tuple(name for name, _ in task.model.named_parameters())
+        self.params, self.buffers, self.states = params, buffers, states
+        self.grads, self.loss = grads, loss
+        self.step = step
+        self.data_generator = data_generator
+        self.diverged = diverged
+
+    @classmethod
+    def start(cls, config: TaskConfig, features: FeatureConfig, device: torch.device | str = "cpu") -> InnerRun:
+        """A task at its seeded initialisation, with the gradient of its first batch."""
+        task = Task(config, device)
+        names = [name for name, _ in task.model.named_parameters()]
+        init = task.init_params(task.generator("init"))
+        leaves = [init[name].detach().requires_grad_() for name in names]
+        data_generator = task.generator("data")
+        loss, buffers = task.loss(dict(zip(names, leaves)), task.buffers(), *task.sample_batch(data_generator))
+        grads = list(torch.autograd.grad(loss, leaves))
+        params = [p.detach() for p in leaves]
+        states = [init_state(p, features) for p in params]
+        loss = loss.detach()
+        return cls(task, params, buffers, states, grads, loss, 0, data_generator, not bool(torch.isfinite(loss)))
+
+    @property
+    def horizon(self) -> int:
+        return self.task.config.horizon
+
+    @property
+    def done(self) -> bool:
+        """The horizon is reached, or the task diverged (a non-finite loss): time for a new task."""
+        return self.diverged or self.step >= self.horizon
+
+    def unroll(
+        self, rule: LearnedUpdate, length: int, first_order: bool, eps: float = LOSS_EPS
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Train ``length`` steps (fewer if the horizon comes first); return the meta-loss and info.
+
+        ``first_order`` computes inner gradients without a graph (the meta-gradient ignores how
+        the rule's steps change later gradients: cheaper, biased); otherwise the graph of each
+        inner gradient is kept (``create_graph``) and the meta-gradient is exact for the
+        truncation. ``info`` holds ``losses`` (the detached inner losses of the unroll, a 1-d
+        tensor) and ``steps``.
+        """
+        if self.done:
+            raise RuntimeError(f"this run is done (step {self.step} of {self.horizon}, diverged={self.diverged})")
+        n = min(length, self.horizon - self.step)
+        params, states, grads, buffers = self.params, self.states, self.grads, self.buffers
+        losses = []
+        for _ in range(n):
+            params, states, _ = rule(self.spec, params, grads, states)
+            x, y = self.task.sample_batch(self.data_generator)
+            loss, buffers = self.task.loss(dict(zip(self.names, params)), buffers, x, y)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=not first_order)
+            losses.append(loss)
+        inner = torch.stack(losses)
+        meta_loss = torch.log(inner + eps).mean()
+        self.params = [p.detach() for p in params]
+        self.states = [{k: v.detach() for k, v in s.items()} for s in states]
+        self.grads = [g.detach() for g in grads]
+        self.buffers = {k: b.detach() for k, b in buffers.items()}
+        inner = inner.detach()
+        self.loss = inner[-1]
+        self.step += n
+        self.diverged = not bool(torch.isfinite(self.loss))
+        return meta_loss, {"losses": inner, "steps": n}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly, as tensors and plain values (CPU)."""
+        return {
+            "task": self.task.config.to_dict(),
+            "params": [p.cpu() for p in self.params],
+            "buffers": {k: b.cpu() for k, b in self.buffers.items()},
+            "states": [{k: v.cpu() for k, v in s.items()} for s in self.states],
+            "grads": [g.cpu() for g in self.grads],
+            "loss": self.loss.cpu(),
+            "step": self.step,
+            "data_generator": self.data_generator.get_state(),
+            "diverged": self.diverged,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> InnerRun:
+        """The run that :meth:`state_dict` saved, on ``device``."""
+        generator = torch.Generator()
+        generator.set_state(state["data_generator"])
+        return cls(
+            Task(TaskConfig.from_dict(state["task"]), device),
+            [p.to(device) for p in state["params"]],
+            {k: b.to(device) for k, b in state["buffers"].items()},
+            [{k: v.to(device) for k, v in s.items()} for s in state["states"]],
+            [g.to(device) for g in state["grads"]],
+            state["loss"].to(device),
+            state["step"],
+            generator,
+            state["diverged"],
+        )

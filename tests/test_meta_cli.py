@@ -1,0 +1,85 @@
+"""``python -m meta_train``: smoke run, TensorBoard scalars, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from meta_train.cli import main
+from nfopt.learned_update import LearnedUpdate
+from nfopt.optimizer import NFNOptimizer
+
+from .test_unroll import one_thread  # noqa: F401  (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "meta_train" / "configs" / "smoke.json")
+
+
+def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path):
+    out = tmp_path / "rule.nfopt"
+    main(["--config", SMOKE, "--set", "seed=3", "--out", str(out), "--log-dir", str(tmp_path / "tb")])
+    rule = LearnedUpdate.load(out)
+    prov = rule.provenance
+    assert prov["meta_steps"] == 6 and prov["seed"] == 3 and prov["config"]["tasks_per_step"] == 2
+    assert prov["inner_steps"] > 0 and prov["inner_steps_per_s"] > 0 and "--set seed=3" in prov["command"]
+    assert set(prov) >= {"wall_time_s", "git_commit", "world_size", "skipped_steps", "dropped_tasks"}
+    training = torch.load(f"{out}.train.pt", weights_only=True)
+    assert training["step"] == 6
+    for k, v in rule.state_dict().items():
+        assert torch.equal(v, training["rule"][k]), k
+
+    model = torch.nn.Linear(3, 2)
+    opt = NFNOptimizer(model.parameters(), ckpt=out)
+    before = model.weight.detach().clone()
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(model.weight, before)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"meta/{k}" for k in ("meta_loss", "inner_loss", "grad_norm", "alpha", "beta", "gamma",
+                                  "inner_steps_per_s", "skipped", "dropped_tasks")} <= tags
+    assert [e.step for e in events.Scalars("meta/alpha")] == [2, 4, 6]
+
+
+def test_resume_refuses_a_missing_checkpoint_or_a_changed_config(tmp_path):
+    out = str(tmp_path / "r.nfopt")
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        main(["--config", SMOKE, "--out", out, "--resume"])
+    main(["--config", SMOKE, "--set", "meta_steps=1", "--out", out])
+    with pytest.raises(ValueError, match="different values of \\['meta_lr'\\]"):
+        main(["--config", SMOKE, "--set", "meta_lr=0.1", "--out", out, "--resume"])
+
+
+def test_a_run_killed_and_resumed_ends_like_one_never_stopped(tmp_path):
+    args = ["--config", SMOKE, "--set", "meta_steps=14", "--set", "checkpoint_every=2"]
+    killed = tmp_path / "killed.nfopt"
+    checkpoint = Path(f"{killed}.train.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "meta_train", *args, "--out", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not killed.exists()
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 2 <= step < 14
+
+    main([*args, "--out", str(killed), "--resume"])
+    main([*args, "--out", str(tmp_path / "whole.nfopt")])
+    resumed, whole = LearnedUpdate.load(killed), LearnedUpdate.load(tmp_path / "whole.nfopt")
+    assert resumed.provenance["meta_steps"] == whole.provenance["meta_steps"] == 14
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
