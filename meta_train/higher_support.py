@@ -63,7 +63,7 @@ class DifferentiableNFNOptimizer(higher.optim.DifferentiableOptimizer):
             opt.rule,
             weights,
             (
-                opt._spec(originals),
+                opt.spec_for(originals),
                 [p.to(dtype) for p in params],
                 [g.to(dtype) for g in grads],
                 [{k: s[k] for k in ("step", "momenta", "v")} for s in states],

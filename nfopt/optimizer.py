@@ -148,7 +148,8 @@ class NFNOptimizer(Optimizer):
                 for p in self.param_groups[-1]["params"]:
                     self._labels.setdefault(id(p), TensorSpec.independent(p.shape, f"group{len(self.param_groups) - 1}.{id(p)}"))
 
-    def _spec(self, params: list[torch.Tensor]) -> WeightSpaceSpec:
+    def spec_for(self, params: list[torch.Tensor]) -> WeightSpaceSpec:
+        """The labelled weight space the NFN sees for these parameters (cached per list)."""
         key = tuple(id(p) for p in params)
         spec = self._specs.get(key)
         if spec is None:
@@ -226,7 +227,7 @@ class NFNOptimizer(Optimizer):
             raise RuntimeError(f"NFNOptimizer needs all parameters with gradients on one device, got {devices}")
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         rule = self._rule_for(params[0].device, dtype)
-        spec = self._spec(params)
+        spec = self.spec_for(params)
         work = [p.to(dtype) for p in params]
         new_params, new_stats, oks = rule(
             spec, work, [g.to(dtype) for g in grads], [{k: s[k] for k in ("step", "momenta", "v")} for s in states], lrs, wds

@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 from meta_train.distributed import init_from_env, shutdown
 from meta_train.trainer import MetaConfig, MetaTrainer
 
-from .test_unroll import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIG = MetaConfig(tasks_per_step=2, unroll_length=2, horizon_min=4, horizon_max=4, first_order=True)
 STEPS = 4

@@ -127,15 +127,6 @@ EXPECTED: dict[str, tuple[list[list[Axis]], list[Axis]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The zoo's models are tiny: thread start-up would cost more than their arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def label_of(lab: ModelLabelling, name: str, axis: int) -> object:
     for t in lab.params.tensors + lab.buffers.tensors:
         if t.name == name:

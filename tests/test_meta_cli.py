@@ -15,7 +15,6 @@ from meta_train.cli import main
 from nfopt.learned_update import LearnedUpdate
 from nfopt.optimizer import NFNOptimizer
 
-from .test_unroll import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "meta_train" / "configs" / "smoke.json")

@@ -12,7 +12,6 @@ from meta_train.distributed import Group
 from meta_train.trainer import MetaConfig, MetaTrainer
 from meta_train.unroll import InnerRun
 
-from .test_unroll import one_thread  # noqa: F401  (autouse fixture)
 
 SMALL = MetaConfig(tasks_per_step=2, unroll_length=2, horizon_min=4, horizon_max=6, meta_steps=4,
                    first_order=True).with_overrides(["rule.hidden_channels=4"])

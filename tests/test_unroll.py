@@ -18,16 +18,6 @@ TEACHER = TaskConfig("teacher", "mlp", depth=2, width=16, activation="tanh", bat
 CNN_BN = TaskConfig("digits", "cnn", depth=2, width=4, batchnorm=True, batch_size=16, horizon=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as meta-training runs: these ops are tiny, and on a busy machine
-    OpenMP threads that wait for each other cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def start(config: TaskConfig = TEACHER, rule=None) -> InnerRun:
     rule = rule or fresh_rule()
     return InnerRun.start(config, rule.config.features)
