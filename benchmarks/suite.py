@@ -1,0 +1,341 @@
+"""The benchmark suite: which tasks, seeds and optimizers run, in what order, and what they give.
+
+For every task and seed, the learned optimizer (``NFNOptimizer.for_model``, no tuning) trains to
+``long_factor`` times the horizon; Adam and SGD with momentum train to the horizon at every point
+of their learning-rate grids (Adam's always holds 1e-3, the untuned baseline); the per-element
+ablation, when its checkpoint exists, trains to the horizon. The tuned learning rates are then
+selected (:func:`benchmarks.metrics.select_lr`) and tuned Adam is run again to ``long_factor``
+times the horizon, for the speed-up and the long-horizon comparison. Finally each optimizer's
+step time and state size are measured on every task in this process, with the workers idle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from meta_train.tasks import HELD_OUT, Task
+from nfopt.learned_update import LearnedUpdate
+from nfopt.optimizer import default_checkpoint_path
+
+from . import metrics
+from .costs import _state_bytes_per_param, compare
+from .extra_tasks import EXTRA_TASKS
+from .runs import (
+    CURVE_POINTS_PER_HORIZON,
+    SGD_MOMENTUM,
+    SMOOTHING_FRACTION,
+    OptimizerSpec,
+    RunSpec,
+    TaskSpec,
+    build_task,
+    execute,
+    worker_pool,
+)
+
+ADAM_DEFAULT_LR = 1e-3
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SGD_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_ABLATION_CKPT = Path(__file__).parent / "checkpoints" / "per_element.nfopt"
+ALL_TASKS: dict[str, TaskSpec] = {t.name: t for t in (*HELD_OUT, *EXTRA_TASKS)}
+QUICK_TASKS = ("mlp_digits_w40_tanh", "cnn_digits_c12_tanh", "resmlp6_ln_digits", "transformer_chars")
+
+OPTIMIZERS = ("nfn", "adam_1e-3", "adam_tuned", "sgd_tuned", "per_element")
+"""Result keys of the compared optimizers."""
+COST_KEY = {"nfn": "nfn", "adam_1e-3": "adam", "adam_tuned": "adam", "sgd_tuned": "sgd", "per_element": "per_element"}
+"""Which timed optimizer each compared one costs the same as (Adam's cost does not depend on its rate)."""
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What the suite runs. ``horizon`` overrides every task's own; ``ckpt`` None is the packaged default.
+
+    ``workers`` processes (one thread each) share the runs; 1 runs them in this process.
+    """
+
+    tasks: tuple[TaskSpec, ...] = tuple(ALL_TASKS.values())
+    seeds: int = 3
+    horizon: int | None = None
+    adam_grid: tuple[float, ...] = ADAM_GRID
+    sgd_grid: tuple[float, ...] = SGD_GRID
+    long_factor: int = 5
+    ckpt: str | None = None
+    ablation_ckpt: str = str(DEFAULT_ABLATION_CKPT)
+    workers: int = 1
+    timing_blocks: int = 5
+    timing_per_block: int = 10
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if ADAM_DEFAULT_LR not in self.adam_grid:
+            raise ValueError(f"the Adam grid must hold {ADAM_DEFAULT_LR} (the untuned baseline), got {self.adam_grid}")
+        if not self.sgd_grid or min(*self.adam_grid, *self.sgd_grid) <= 0:
+            raise ValueError("learning-rate grids must be non-empty and positive")
+        if self.seeds < 1 or self.long_factor < 1 or (self.horizon is not None and self.horizon < 1):
+            raise ValueError(f"seeds, long_factor and horizon must be >= 1, got {self}")
+        names = [t.name for t in self.tasks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"tasks must be non-empty with distinct names, got {names}")
+
+
+def quick_config(**overrides: Any) -> SuiteConfig:
+    """A smoke-test configuration: 4 tasks, 2 seeds, horizon 80, 3-point grids, short timing."""
+    settings: dict[str, Any] = dict(
+        tasks=tuple(ALL_TASKS[n] for n in QUICK_TASKS),
+        seeds=2,
+        horizon=80,
+        adam_grid=(3e-4, 1e-3, 3e-3),
+        sgd_grid=(1e-2, 1e-1, 1.0),
+        timing_blocks=3,
+        timing_per_block=5,
+        quick=True,
+    )
+    return SuiteConfig(**(settings | overrides))
+
+
+def checkpoint_info(path: Path, *, per_element: bool) -> dict[str, Any]:
+    """Where a checkpoint is, its hash and the provenance meta-training stored in it.
+
+    ``per_element`` says what it must be: the ablation (no pooled or neighbour terms) or not.
+    A missing ablation checkpoint is reported as ``missing``; anything else wrong raises.
+    """
+    if per_element and not path.exists():
+        return {"path": str(path), "missing": True}
+    rule = LearnedUpdate.load(path)
+    if rule.config.pooled == per_element:
+        want = "a per-element rule (pooled=False)" if per_element else "a pooled NFN rule"
+        raise ValueError(f"{path}: expected {want}, the checkpoint has pooled={rule.config.pooled}")
+    return {
+        "path": str(path),
+        "missing": False,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        "provenance": rule.provenance,
+        "config": rule.config.to_dict(),
+    }
+
+
+Plan = dict[str, list[RunSpec]]
+"""Runs of one task, grouped: one run per seed in each group."""
+
+
+def _over_seeds(task: TaskSpec, optimizer: OptimizerSpec, steps: int, seeds: int) -> list[RunSpec]:
+    return [RunSpec(task, seed, optimizer, steps) for seed in range(seeds)]
+
+
+def _grid_key(kind: str, lr: float) -> str:
+    return f"{kind}@{lr:g}"
+
+
+def _first_plan(task: TaskSpec, config: SuiteConfig, ablation: OptimizerSpec | None) -> Plan:
+    horizon, seeds = task.horizon, config.seeds
+    plan = {"nfn": _over_seeds(task, OptimizerSpec("nfn", ckpt=config.ckpt), horizon * config.long_factor, seeds)}
+    for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid)):
+        for lr in grid:
+            plan[_grid_key(kind, lr)] = _over_seeds(task, OptimizerSpec(kind, lr), horizon, seeds)
+    if ablation is not None:
+        plan["per_element"] = _over_seeds(task, ablation, horizon, seeds)
+    return plan
+
+
+def _run_plans(plans: Sequence[Plan], pool: Executor | None, progress: tqdm) -> list[dict[str, list[dict[str, Any]]]]:
+    """Every plan's records, grouped as the plan is."""
+    flat = [spec for plan in plans for group in plan.values() for spec in group]
+    records = iter(execute(flat, pool, progress))
+    return [{name: [next(records) for _ in group] for name, group in plan.items()} for plan in plans]
+
+
+def _tuned_lr(runs: Mapping[str, list[dict[str, Any]]], kind: str, grid: Sequence[float]) -> float:
+    return metrics.select_lr({lr: [r["at_horizon"]["train_loss"] for r in runs[_grid_key(kind, lr)]] for lr in grid})
+
+
+def _train_step(task: Task, optimizer: torch.optim.Optimizer, module: torch.nn.Module, batch: tuple) -> Callable[[], None]:
+    x, y = batch
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        task.criterion(module(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_optimizers(
+    task_spec: TaskSpec, optimizers: Mapping[str, OptimizerSpec], blocks: int, per_block: int
+) -> dict[str, dict[str, float]]:
+    """Per optimizer on the task's model: ms per ``step()``, ms per training step, state bytes per parameter.
+
+    Times are medians over alternating blocks (``benchmarks.costs.compare``) on one fixed batch, with
+    one thread, as the runs have: on models this small, more threads mostly measure contention.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_optimizers(task_spec, optimizers, blocks, per_block)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_optimizers(
+    task_spec: TaskSpec, optimizers: Mapping[str, OptimizerSpec], blocks: int, per_block: int
+) -> dict[str, dict[str, float]]:
+    task = build_task(task_spec, 0)
+    batch = task.sample_batch(task.generator("data"))
+    built = {}
+    for name, spec in optimizers.items():
+        module = task.build_module(task.generator("init"))
+        built[name] = (spec.build(module), module)
+    cpu = torch.device("cpu")
+    train_ms = compare({k: _train_step(task, o, m, batch) for k, (o, m) in built.items()}, cpu, blocks, per_block)
+    step_ms = compare({k: o.step for k, (o, _) in built.items()}, cpu, blocks, per_block)  # gradients left by the above
+    return {
+        k: {"step_ms": step_ms[k], "train_step_ms": train_ms[k], "state_bytes_per_param": _state_bytes_per_param(o)}
+        for k, (o, _) in built.items()
+    }
+
+
+def check_same_start(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Raise unless, seed by seed, every run saw the same first loss (so the same initial weights and
+    first batch) and, if it reached the horizon, the same batches up to it."""
+    first_losses: dict[int, set[float]] = {}
+    checksums: dict[int, set[int]] = {}
+    for group in runs.values():
+        for r in group:
+            first_losses.setdefault(r["seed"], set()).add(r["first_loss"])
+            if r["batch_checksum"] is not None:
+                checksums.setdefault(r["seed"], set()).add(r["batch_checksum"])
+    for name, by_seed in (("first loss", first_losses), ("batch checksum", checksums)):
+        for seed, values in by_seed.items():
+            if len(values) > 1:
+                raise RuntimeError(f"seed {seed}: optimizers did not start alike, {name}s differ: {sorted(values)}")
+
+
+def _task_result(
+    task: TaskSpec,
+    runs: dict[str, list[dict[str, Any]]],
+    config: SuiteConfig,
+    costs: Mapping[str, Mapping[str, float]],
+    parameters: int,
+    ablation: Mapping[str, Any],
+) -> dict[str, Any]:
+    check_same_start(runs)
+    tuned = {kind: _tuned_lr(runs, kind, grid) for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid))}
+    # name: (run group of the metrics at the horizon, run group of the longest curve, learning rate)
+    compared = {
+        "nfn": ("nfn", "nfn", None),
+        "adam_1e-3": (_grid_key("adam", ADAM_DEFAULT_LR), _grid_key("adam", ADAM_DEFAULT_LR), ADAM_DEFAULT_LR),
+        "adam_tuned": (_grid_key("adam", tuned["adam"]), "adam_tuned_long", tuned["adam"]),
+        "sgd_tuned": (_grid_key("sgd", tuned["sgd"]), _grid_key("sgd", tuned["sgd"]), tuned["sgd"]),
+    }
+    if "per_element" in runs:
+        compared["per_element"] = ("per_element", "per_element", None)
+    optimizers: dict[str, dict[str, Any]] = {
+        name: {"lr": lr, "runs": group, "curve_runs": curve, **metrics.summarise(runs[group]), **costs[COST_KEY[name]]}
+        for name, (group, curve, lr) in compared.items()
+    }
+    if "per_element" not in runs:
+        optimizers["per_element"] = {"missing": ablation["path"]}
+    reference = runs["adam_tuned_long"]
+    ref_steps, ref_curve = reference[0]["curve_steps"], metrics.mean_curve([r["curve"] for r in reference])
+    speedups = {
+        name: dataclasses.asdict(
+            metrics.speedup(ref_steps, ref_curve, metrics.mean_loss([r["smoothed_loss_at_horizon"] for r in runs[name]]), task.horizon)
+        )
+        for name in ("nfn", "per_element")
+        if name in runs
+    }
+    return {
+        "name": task.name,
+        "config": task.to_dict(),
+        "horizon": task.horizon,
+        "parameters": parameters,
+        "tuned_lr": tuned,
+        "grid_final_loss_mean": {
+            kind: {f"{lr:g}": metrics.mean_loss([r["at_horizon"]["train_loss"] for r in runs[_grid_key(kind, lr)]]) for lr in grid}
+            for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid))
+        },
+        "optimizers": optimizers,
+        "speedup_vs_adam_tuned": speedups,
+        "long_horizon": {"nfn": metrics.long_horizon(runs["nfn"]), "adam_tuned": metrics.long_horizon(reference)},
+        "runs": runs,
+    }
+
+
+def summary(tasks: Sequence[Mapping[str, Any]], with_ablation: bool) -> dict[str, Any]:
+    """Win records of the NFN against each baseline over tasks, and the median speed-ups."""
+
+    def finals(name: str) -> list[float]:
+        return [t["optimizers"][name]["final_loss_mean"] for t in tasks]
+
+    def median(name: str) -> dict[str, Any]:
+        return dataclasses.asdict(metrics.median_speedup([metrics.Speedup(**t["speedup_vs_adam_tuned"][name]) for t in tasks]))
+
+    out: dict[str, Any] = {
+        f"nfn_vs_{other}": metrics.win_record(finals("nfn"), finals(other)) for other in ("adam_1e-3", "adam_tuned", "sgd_tuned")
+    }
+    out["median_speedup_nfn"] = median("nfn")
+    if with_ablation:
+        out["nfn_vs_per_element"] = metrics.win_record(finals("nfn"), finals("per_element"))
+        out["per_element_vs_adam_tuned"] = metrics.win_record(finals("per_element"), finals("adam_tuned"))
+        out["median_speedup_per_element"] = median("per_element")
+    return out
+
+
+def run_suite(config: SuiteConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole suite and return its results (JSON-ready apart from non-finite floats)."""
+    tasks = [dataclasses.replace(t, horizon=config.horizon) if config.horizon else t for t in config.tasks]
+    checkpoint = checkpoint_info(Path(config.ckpt) if config.ckpt else default_checkpoint_path(), per_element=False)
+    ablation = checkpoint_info(Path(config.ablation_ckpt), per_element=True)
+    ablation_spec = None if ablation["missing"] else OptimizerSpec("nfn", ckpt=config.ablation_ckpt)
+    plans = [_first_plan(t, config, ablation_spec) for t in tasks]
+    long_steps = [t.horizon * config.long_factor * config.seeds for t in tasks]
+    total = sum(s.steps for plan in plans for group in plan.values() for s in group) + sum(long_steps)
+    with worker_pool(config.workers) as pool, tqdm(total=total, unit="step", desc="training", disable=not progress) as bar:
+        runs = _run_plans(plans, pool, bar)
+        tuned_adam = [_tuned_lr(r, "adam", config.adam_grid) for r in runs]
+        second = [
+            {"adam_tuned_long": _over_seeds(t, OptimizerSpec("adam", lr), t.horizon * config.long_factor, config.seeds)}
+            for t, lr in zip(tasks, tuned_adam)
+        ]
+        for r, extra in zip(runs, _run_plans(second, pool, bar)):
+            r.update(extra)
+    results = []
+    for task, task_runs in zip(tqdm(tasks, desc="timing", disable=not progress), runs):
+        timed = {
+            "nfn": OptimizerSpec("nfn", ckpt=config.ckpt),
+            "adam": OptimizerSpec("adam", ADAM_DEFAULT_LR),
+            "sgd": OptimizerSpec("sgd", _tuned_lr(task_runs, "sgd", config.sgd_grid)),
+        }
+        if ablation_spec is not None:
+            timed["per_element"] = ablation_spec
+        costs = time_optimizers(task, timed, config.timing_blocks, config.timing_per_block)
+        parameters = sum(p.numel() for p in build_task(task, 0).model.parameters())
+        results.append(_task_result(task, task_runs, config, costs, parameters, ablation))
+    return {
+        "suite": {
+            "quick": config.quick,
+            "tasks": [t.name for t in tasks],
+            "seeds": config.seeds,
+            "horizon_override": config.horizon,
+            "adam_grid": list(config.adam_grid),
+            "sgd_grid": list(config.sgd_grid),
+            "sgd_momentum": SGD_MOMENTUM,
+            "long_factor": config.long_factor,
+            "workers": config.workers,
+            "smoothing_fraction": SMOOTHING_FRACTION,
+            "curve_points_per_horizon": CURVE_POINTS_PER_HORIZON,
+            "tie_rtol": metrics.TIE_RTOL,
+            "divergence_ratio": metrics.DIVERGENCE_RATIO,
+        },
+        "checkpoint": checkpoint,
+        "ablation": ablation,
+        "summary": summary(results, ablation_spec is not None),
+        "tasks": results,
+    }
