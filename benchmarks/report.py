@@ -51,8 +51,8 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def _speedup(s: Mapping[str, Any] | None) -> str:
-    if s is None:
-        return "n/a"
+    if s is None:  # the ablation's checkpoint is missing
+        return "missing"
     if s["value"] is None:
         return "n/a (own loss non-finite)"
     return f"{'≥ ' if s['lower_bound'] else ''}{s['value']:.2f}"

@@ -101,6 +101,12 @@ def quick_config(**overrides: Any) -> SuiteConfig:
     return SuiteConfig(**(settings | overrides))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, so reports do not name a machine's folders."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
+
 def checkpoint_info(path: Path, *, per_element: bool) -> dict[str, Any]:
     """Where a checkpoint is, its hash and the provenance meta-training stored in it.
 
@@ -108,13 +114,13 @@ def checkpoint_info(path: Path, *, per_element: bool) -> dict[str, Any]:
     A missing ablation checkpoint is reported as ``missing``; anything else wrong raises.
     """
     if per_element and not path.exists():
-        return {"path": str(path), "missing": True}
+        return {"path": _shown(path), "missing": True}
     rule = LearnedUpdate.load(path)
     if rule.config.pooled == per_element:
         want = "a per-element rule (pooled=False)" if per_element else "a pooled NFN rule"
         raise ValueError(f"{path}: expected {want}, the checkpoint has pooled={rule.config.pooled}")
     return {
-        "path": str(path),
+        "path": _shown(path),
         "missing": False,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
         "provenance": rule.provenance,
