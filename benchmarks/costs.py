@@ -108,7 +108,7 @@ def _optimizers(model: nn.Module) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-def _state_bytes_per_param(opt: torch.optim.Optimizer) -> float:
+def state_bytes_per_param(opt: torch.optim.Optimizer) -> float:
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     size = sum(
         v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
@@ -146,7 +146,7 @@ def optimizer_cost(
         out[k] = {
             "step_ms": step_ms[k],
             "train_step_ms": train_ms[k],
-            "state_bytes_per_param": _state_bytes_per_param(o),
+            "state_bytes_per_param": state_bytes_per_param(o),
             "step_ratio_vs_adam": step_ms[k] / step_ms["adam"],
             "train_step_ratio_vs_adam": train_ms[k] / train_ms["adam"],
         }

@@ -27,7 +27,7 @@ from nfopt.learned_update import LearnedUpdate
 from nfopt.optimizer import default_checkpoint_path
 
 from . import metrics
-from .costs import _state_bytes_per_param, compare
+from .costs import state_bytes_per_param, compare
 from .extra_tasks import EXTRA_TASKS
 from .runs import (
     CURVE_POINTS_PER_HORIZON,
@@ -202,7 +202,7 @@ def _time_optimizers(
     train_ms = compare({k: _train_step(task, o, m, batch) for k, (o, m) in built.items()}, cpu, blocks, per_block)
     step_ms = compare({k: o.step for k, (o, _) in built.items()}, cpu, blocks, per_block)  # gradients left by the above
     return {
-        k: {"step_ms": step_ms[k], "train_step_ms": train_ms[k], "state_bytes_per_param": _state_bytes_per_param(o)}
+        k: {"step_ms": step_ms[k], "train_step_ms": train_ms[k], "state_bytes_per_param": state_bytes_per_param(o)}
         for k, (o, _) in built.items()
     }
 
