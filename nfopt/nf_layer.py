@@ -11,6 +11,12 @@ with the same set, averaged per relation and mixed by one matrix per relation), 
 of all per-tensor means, and ``ctx_t`` is an optional per-tensor context vector (an invariant:
 step counters, scale statistics). Weights are shared by kind and relations keyed by kinds, so a
 layer instance serves any network; means instead of sums keep it width-invariant.
+
+Given a :class:`~nfopt.monomial_space.MonomialSpec` instead of a plain weight space, the same layer
+is equivariant to the monomial group: a term is kept only where the factors of the elements it
+reads match those of the elements it writes (no mean over a sign-flipped or scaled axis, no
+broadcast onto one, no constant on a tensor that flips or scales, neighbours of a scaled set only
+between axes of the same exponent), so far fewer of the weights act on such a network.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .monomial_space import MonomialSpec, as_monomial
 from .weight_space import AXIS_TYPES, KINDS, Kind, TensorSpec, WeightSpaceSpec
 
 _KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
@@ -41,12 +48,15 @@ class _TensorPlan:
     subsets: tuple[tuple[tuple[int, ...], int], ...]  # (canonical axes pooled, B slot)
     # per labelled canonical axis: ((relation index, ((tensor, canonical axis), ...)), ...)
     neighbours: tuple[tuple[tuple[int, tuple[tuple[int, int], ...]], ...], ...]
+    factor_group: str  # what multiplies the elements: "none", "sign", "scale" or "both"
 
 
 @dataclass(frozen=True)
 class _Plan:
     tensors: tuple[_TensorPlan, ...]
     pooled_axes: tuple[tuple[int, int], ...]  # every (tensor, canonical axis) some neighbour reads
+    invariant: tuple[int, ...]  # tensors whose means are invariants: they feed the global term
+    constants: bool  # whether every tensor takes the per-tensor constant terms (bias, context, global)
 
 
 def _axis_order(t: TensorSpec) -> tuple[int, ...] | None:
@@ -55,25 +65,39 @@ def _axis_order(t: TensorSpec) -> tuple[int, ...] | None:
 
 
 @lru_cache(maxsize=256)
-def plan_for(spec: WeightSpaceSpec) -> _Plan:
+def plan_for(spec: WeightSpaceSpec | MonomialSpec) -> _Plan:
     """Everything about a weight space that the layer needs, computed once per spec."""
+    mono = as_monomial(spec)
+    space = mono.space
+    moving = {label for label, _ in mono.symmetries}
     canon_axis: dict[tuple[int, int], int] = {}
-    for ti, t in enumerate(spec.tensors):
+    for ti, t in enumerate(space.tensors):
         for ci, ax in enumerate(t.labelled_axes):
             canon_axis[(ti, ax)] = ci
+
+    def still(ti: int, axes: Sequence[int]) -> bool:
+        """Whether these labelled axes of tensor ti only permute (so means over them are equivariant)."""
+        return all(space.tensors[ti].axes[ax] not in moving for ax in axes)
+
+    def others_still(ti: int, ax: int) -> bool:
+        return still(ti, [a for a in space.tensors[ti].labelled_axes if a != ax])
+
     plans = []
     pooled: set[tuple[int, int]] = set()
-    for ti, t in enumerate(spec.tensors):
+    for ti, t in enumerate(space.tensors):
         kind = t.kind
         neighbours = []
         for ci, ax in enumerate(t.labelled_axes):
             own_type = _AXIS_TYPE_INDEX[(kind, ci)]
+            label = t.axes[ax]
             groups: dict[int, list[tuple[int, int]]] = {}
-            for tj, axj in spec.set_members[t.axes[ax]]:
-                if (tj, axj) == (ti, ax):
+            for tj, axj in space.set_members[label]:
+                if (tj, axj) == (ti, ax) or not (others_still(ti, ax) and others_still(tj, axj)):
+                    continue
+                if mono.symmetry(label) == "scale" and mono.exponents[ti][ax] != mono.exponents[tj][axj]:
                     continue
                 cj = canon_axis[(tj, axj)]
-                other_type = _AXIS_TYPE_INDEX[(spec.tensors[tj].kind, cj)]
+                other_type = _AXIS_TYPE_INDEX[(space.tensors[tj].kind, cj)]
                 groups.setdefault(own_type * len(AXIS_TYPES) + other_type, []).append((tj, cj))
                 pooled.add((tj, cj))
             neighbours.append(tuple((r, tuple(m)) for r, m in sorted(groups.items())))
@@ -82,11 +106,17 @@ def plan_for(spec: WeightSpaceSpec) -> _Plan:
                 kind=_KIND_INDEX[kind],
                 perm=_axis_order(t),
                 canonical=t.canonical_shape(),
-                subsets=tuple((s, _SUBSET_SLOTS[(kind, s)]) for s in kind.subsets()),
+                subsets=tuple(
+                    (s, _SUBSET_SLOTS[(kind, s)])
+                    for s in kind.subsets()
+                    if still(ti, [t.labelled_axes[c] for c in s])
+                ),
                 neighbours=tuple(neighbours),
+                factor_group=mono.factor_group(ti),
             )
         )
-    return _Plan(tuple(plans), tuple(sorted(pooled)))
+    invariant = tuple(i for i, p in enumerate(plans) if p.factor_group == "none")
+    return _Plan(tuple(plans), tuple(sorted(pooled)), invariant, len(invariant) == len(plans))
 
 
 def to_canonical(x: torch.Tensor, p: _TensorPlan) -> torch.Tensor:
@@ -183,7 +213,7 @@ class NFLayer(nn.Module):
 
     def forward(
         self,
-        spec: WeightSpaceSpec,
+        spec: WeightSpaceSpec | MonomialSpec,
         xs: Sequence[torch.Tensor],
         context: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
@@ -205,15 +235,19 @@ class NFLayer(nn.Module):
             const = const + torch.einsum("toc,tc->to", self.E[kinds], context)
         if self.pooled:
             pooled = [_Pooled(x) for x in xc]
-            means = torch.stack([m.mean(tuple(range(1, x.dim()))).reshape(-1) for m, x in zip(pooled, xc)])
-            if scale is not None:
-                means = means * scale
-            const = const + torch.einsum("toc,c->to", self.G[kinds], means.mean(0))
+            if plan.invariant:
+                means = torch.stack([pooled[i].mean(tuple(range(1, xc[i].dim()))).reshape(-1) for i in plan.invariant])
+                if scale is not None:
+                    means = means * (scale if plan.constants else scale[list(plan.invariant)])
+                const = const + torch.einsum("toc,c->to", self.G[kinds], means.mean(0))
             vectors = {}
             for ti, ax in plan.pooled_axes:
                 x = xc[ti]
                 v = pooled[ti].mean(tuple(d for d in range(1, x.dim()) if d != ax + 1)).reshape(x.shape[0], -1)
                 vectors[(ti, ax)] = v if scale is None else v * scale[ti, :, None]
+        if not plan.constants:
+            keep = [p.factor_group == "none" for p in plan.tensors]
+            const = const * torch.tensor(keep, dtype=const.dtype, device=const.device)[:, None]
         out = []
         for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
             s = None if scale is None else scale[ti]

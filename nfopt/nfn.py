@@ -1,4 +1,9 @@
-"""Neural functional networks: stacks of NF-layers, and an invariant head that pools to a vector."""
+"""Neural functional networks: stacks of NF-layers, and an invariant head that pools to a vector.
+
+Both take a plain weight space (permutation symmetry) or a
+:class:`~nfopt.monomial_space.MonomialSpec` (sign flips and scalings too); for the latter, each
+tensor's nonlinearity is one that commutes with the factors its elements are multiplied by.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .monomial_space import MonomialSpec, as_monomial, sign_scale_invariants
 from .nf_layer import NFLayer, plan_for
 from .weight_space import KINDS, WeightSpaceSpec
 
 ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
 """Applied to fresh layer outputs, which nothing else holds, so in place where torch can."""
+
+
+EQUIVARIANT_ACTIVATIONS = {"sign": torch.tanh_, "scale": torch.relu_, "both": None}
+"""The nonlinearity for a tensor whose elements flip sign (odd), scale (positively homogeneous) or
+both (none commutes with every nonzero factor: the identity)."""
 
 
 def _activation(name: str):
@@ -53,31 +64,37 @@ class NFN(nn.Module):
 
     def forward(
         self,
-        spec: WeightSpaceSpec,
+        spec: WeightSpaceSpec | MonomialSpec,
         xs: Sequence[torch.Tensor],
         context: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """``context`` and ``scale`` go to the first layer (see :meth:`NFLayer.forward`)."""
         _check_features(spec, xs, self.layers[0].in_channels)
+        acts = [
+            self._act if p.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[p.factor_group]
+            for p in plan_for(spec).tensors
+        ]
         for n, layer in enumerate(self.layers):
             xs = layer(spec, xs, context, scale) if n == 0 else layer(spec, xs)
             if n < len(self.layers) - 1:
-                xs = [self._act(x) for x in xs]
+                xs = [x if act is None else act(x) for act, x in zip(acts, xs)]
         return xs
 
 
-def _check_features(spec: WeightSpaceSpec, xs: Sequence[torch.Tensor], channels: int) -> None:
+def _check_features(spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor], channels: int) -> None:
     """Features are dense real tensors of shape (channels, *shape), one per tensor of the spec."""
-    spec.check_tensors(xs, leading=1, what="feature")
-    for i, (x, t) in enumerate(zip(xs, spec.tensors)):
+    space = as_monomial(spec).space
+    space.check_tensors(xs, leading=1, what="feature")
+    for i, (x, t) in enumerate(zip(xs, space.tensors)):
         if x.shape[0] != channels:
             raise ValueError(f"feature {t.name or i}: {x.shape[0]} channels, expected {channels}")
 
 
 class InvariantPool(nn.Module):
-    """Permutation-invariant summary of weight-space features: per kind, the mean over tensors of
-    each tensor's mean, concatenated over kinds (zeros for kinds that are absent)."""
+    """Invariant summary of weight-space features: per kind, the mean over tensors of each tensor's
+    mean, concatenated over kinds (zeros for kinds that are absent). For a monomial spec the
+    features are first made sign- and scale-invariant (:func:`sign_scale_invariants`)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -87,8 +104,9 @@ class InvariantPool(nn.Module):
     def out_features(self) -> int:
         return len(KINDS) * self.channels
 
-    def forward(self, spec: WeightSpaceSpec, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         _check_features(spec, xs, self.channels)
+        xs = sign_scale_invariants(spec, xs)
         by_kind: list[list[torch.Tensor]] = [[] for _ in KINDS]
         for x, p in zip(xs, plan_for(spec).tensors):
             by_kind[p.kind].append(x.reshape(self.channels, -1).mean(1))

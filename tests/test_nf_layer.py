@@ -9,7 +9,17 @@ from nfopt.labelling import label_model
 from nfopt.nf_layer import N_RELATIONS, NFLayer, plan_for
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
-from .weight_spaces import cnn_spec, every_relation_spec, mlp_spec, random_features, random_spec
+from .weight_spaces import (
+    cnn_spec,
+    every_relation_spec,
+    mlp_spec,
+    monomial_cnn_spec,
+    monomial_equivariance_error,
+    monomial_mlp_spec,
+    random_features,
+    random_monomial_spec,
+    random_spec,
+)
 from .zoo import ZOO
 
 SPACES = {
@@ -179,3 +189,67 @@ def test_equivariant_on_inferred_labellings(name):
     for _ in range(2):
         perm = labelling.random_permutation(g)
         assert max_equivariance_error(lambda x: nf(spec, x), spec, xs, perm) < 1e-12
+
+
+MONOMIAL_SPACES = {
+    "mlp_sign": monomial_mlp_spec([5, 4, 6, 3], "sign"),
+    "mlp_scale": monomial_mlp_spec([5, 4, 6, 3], "scale"),
+    "cnn_sign": monomial_cnn_spec([2, 3, 4], "sign"),
+    "cnn_scale": monomial_cnn_spec([2, 3, 4], "scale"),
+    **{f"random{s}": random_monomial_spec(s) for s in range(8)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MONOMIAL_SPACES))
+def test_equivariant_to_signs_and_scales(name):
+    """Given a monomial spec, the layer commutes with permutations, sign flips and scalings over
+    six orders of magnitude."""
+    spec = MONOMIAL_SPACES[name]
+    nf = layer()
+    xs = random_features(spec.space, 3)
+    ctx = torch.randn(len(spec.space), 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        element = spec.random_element(g, log10_scale=3.0)
+        assert monomial_equivariance_error(lambda x: nf(spec, x, ctx), spec, xs, element) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["mlp_sign", "mlp_scale", "cnn_sign", "cnn_scale"])
+def test_permutation_layer_is_not_monomial_equivariant(name):
+    """The same weights applied with the permutation-only plan break under signs or scales, so the
+    check above can fail."""
+    spec = MONOMIAL_SPACES[name]
+    nf = layer()
+    xs = random_features(spec.space, 3)
+    ctx = torch.randn(len(spec.space), 2, dtype=torch.float64)
+    element = spec.random_element(torch.Generator().manual_seed(2), log10_scale=1.0)
+    assert monomial_equivariance_error(lambda x: nf(spec.space, x, ctx), spec, xs, element) > 1e-3
+
+
+def test_monomial_plan_drops_exactly_the_terms_that_would_break():
+    """On a sign-flip MLP: no constant on hidden tensors, no means over hidden axes, neighbours
+    only where the other axes are still; scaled sets also keep neighbours of one exponent only."""
+    sign, scale = plan_for(MONOMIAL_SPACES["mlp_sign"]), plan_for(MONOMIAL_SPACES["mlp_scale"])
+    plain = plan_for(MONOMIAL_SPACES["mlp_sign"].space)
+    # tensors: w0 (s1, s0) b0 (s1) w1 (s2, s1) b1 (s2) w2 (s3, s2) b2 (s3); s1, s2 flip or scale
+    assert [p.factor_group for p in sign.tensors] == ["sign"] * 5 + ["none"]
+    assert sign.invariant == (5,) and not sign.constants and plain.constants
+    assert [len(p.subsets) for p in sign.tensors] == [1, 0, 0, 0, 1, 1]  # w0 over s0, w2 over s3, b2
+    assert [len(p.subsets) for p in plain.tensors] == [3, 1, 3, 1, 3, 1]
+    # b0 (s1, +1) hears w0's row sums (s1, +1) in both; w1's column sums (s1, -1) only under signs
+    assert {m for r in sign.tensors[1].neighbours[0] for m in r[1]} == {(0, 0)}
+    assert {m for r in scale.tensors[1].neighbours[0] for m in r[1]} == {(0, 0)}
+    # b1 (s2, +1): w1 rows would need a mean over s1 (moving): nothing; w2 columns (s2, -1) over s3
+    assert {m for r in sign.tensors[3].neighbours[0] for m in r[1]} == {(4, 1)}
+    assert scale.tensors[3].neighbours[0] == ()
+
+
+def test_fewer_weights_act_under_the_monomial_group():
+    """Weights that receive no gradient on a monomial spec are the ones its plan dropped."""
+    spec = MONOMIAL_SPACES["mlp_scale"]
+    used = {}
+    for name, s in (("perm", spec.space), ("monomial", spec)):
+        nf = layer(ctx=0)
+        sum((y * torch.randn_like(y)).sum() for y in nf(s, random_features(spec.space, 3))).backward()
+        used[name] = sum(int((p.grad != 0).sum()) for p in nf.parameters() if p.grad is not None)
+    assert 0 < used["monomial"] < used["perm"]

@@ -5,10 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nfopt.nfn
+
 from nfopt.nfn import NFN, InvariantPool
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
-from .weight_spaces import cnn_spec, mlp_spec, random_features, random_spec
+from .weight_spaces import (
+    cnn_spec,
+    mlp_spec,
+    monomial_cnn_spec,
+    monomial_equivariance_error,
+    monomial_mlp_spec,
+    random_features,
+    random_monomial_spec,
+    random_spec,
+)
 
 SPACES = [mlp_spec([4, 5, 3]), cnn_spec([2, 3, 3]), random_spec(11), random_spec(12)]
 
@@ -84,3 +95,49 @@ def test_bad_input():
         NFN(3, 4, 2, activation="swish")
     with pytest.raises(ValueError, match="at least one layer"):
         NFN(3, 4, 2, n_layers=0)
+
+
+MONOMIAL_SPACES = [
+    monomial_mlp_spec([4, 5, 3], "sign"),
+    monomial_mlp_spec([4, 5, 6, 3], "scale"),
+    monomial_cnn_spec([2, 3, 3], "scale"),
+    random_monomial_spec(3),
+    random_monomial_spec(4),
+]
+
+
+@pytest.mark.parametrize("spec", MONOMIAL_SPACES)
+def test_stack_is_monomial_equivariant(spec):
+    """Nonlinearities are chosen per tensor (tanh where signs flip, ReLU where scales act)."""
+    net = nfn()
+    xs = random_features(spec.space, 3)
+    ctx = torch.randn(len(spec.space), 2, dtype=torch.float64)
+    element = spec.random_element(torch.Generator().manual_seed(0), log10_scale=3.0)
+    assert monomial_equivariance_error(lambda x: net(spec, x, ctx), spec, xs, element) < 1e-12
+
+
+def test_a_nonlinearity_that_ignores_signs_breaks_the_stack():
+    spec = MONOMIAL_SPACES[0]
+    net = nfn()
+    xs = random_features(spec.space, 3)
+    ctx = torch.randn(len(spec.space), 2, dtype=torch.float64)
+    element = spec.random_element(torch.Generator().manual_seed(0))
+    assert monomial_equivariance_error(lambda x: net(spec, x, ctx), spec, xs, element) < 1e-12
+    nfopt.nfn.EQUIVARIANT_ACTIVATIONS["sign"], saved = torch.relu_, nfopt.nfn.EQUIVARIANT_ACTIVATIONS["sign"]
+    try:
+        assert monomial_equivariance_error(lambda x: net(spec, x, ctx), spec, xs, element) > 1e-3
+    finally:
+        nfopt.nfn.EQUIVARIANT_ACTIVATIONS["sign"] = saved
+
+
+@pytest.mark.parametrize("spec", MONOMIAL_SPACES)
+def test_pool_is_monomial_invariant(spec):
+    pool = InvariantPool(3)
+    xs = random_features(spec.space, 3)
+    v = pool(spec, xs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        moved = spec.act(xs, spec.random_element(g, log10_scale=3.0), leading=1)
+        assert torch.allclose(pool(spec, moved), v, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(pool(spec.space, moved), pool(spec.space, xs))  # the plain pool is not
+    assert not torch.allclose(pool(spec, [x + 1.0 for x in xs]), v)

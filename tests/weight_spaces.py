@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from nfopt.monomial_space import MonomialElement, MonomialSpec
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 
@@ -71,3 +72,39 @@ def every_relation_spec(n: int = 3) -> WeightSpaceSpec:
 def random_features(spec: WeightSpaceSpec, channels: int, seed: int = 0, dtype=torch.float64) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(channels, *t.shape, generator=g, dtype=dtype) for t in spec.tensors]
+
+
+def monomial_mlp_spec(widths: list[int], symmetry: str) -> MonomialSpec:
+    """An MLP's weight space whose hidden sets admit ``symmetry`` (tanh: "sign", ReLU: "scale")."""
+    space = mlp_spec(widths)
+    return MonomialSpec(space, tuple((f"s{i}", symmetry) for i in range(1, len(widths) - 1)))
+
+
+def monomial_cnn_spec(channels: list[int], symmetry: str) -> MonomialSpec:
+    """:func:`cnn_spec` with the hidden channel sets admitting ``symmetry``."""
+    space = cnn_spec(channels)
+    return MonomialSpec(space, tuple((f"c{i}", symmetry) for i in range(1, len(channels))))
+
+
+def random_monomial_spec(seed: int) -> MonomialSpec:
+    """:func:`random_spec` with random sets flipping or scaling and random exponents."""
+    space = random_spec(seed)
+    rng = random.Random(seed)
+    symmetries = tuple((label, rng.choice(("perm", "sign", "scale"))) for label in sorted(space.set_sizes))
+    exponents = tuple(tuple(0 if a is None else rng.choice((1, -1)) for a in t.axes) for t in space.tensors)
+    return MonomialSpec(space, symmetries, exponents)
+
+
+def factor_magnitudes(spec: MonomialSpec, g: MonomialElement) -> list[torch.Tensor]:
+    """Per tensor, |factor| of each element after acting with ``g``: the scale of equivariance errors."""
+    ones = [torch.ones(1, *t.shape, dtype=torch.float64) for t in spec.space.tensors]
+    return [f.abs()[0] for f in spec.act(ones, g, leading=1)]
+
+
+def monomial_equivariance_error(f, spec: MonomialSpec, xs: list[torch.Tensor], g: MonomialElement) -> float:
+    """max |f(g·x) - g·f(x)|, each element relative to its factor, over the largest |f(x)|."""
+    ys = f(xs)
+    lhs = f(spec.act(xs, g, leading=1))
+    rhs = spec.act(ys, g, leading=1)
+    top = max(y.abs().max().item() for y in ys)
+    return max(((a - b).abs() / m).max().item() for a, b, m in zip(lhs, rhs, factor_magnitudes(spec, g))) / top
