@@ -269,7 +269,10 @@ def _sample_any(rng: Rng, horizon_range: tuple[int, int]) -> TaskConfig:
 
 
 def sample_task_config(
-    rng: Rng, split: str = "train", horizon_range: tuple[int, int] = DEFAULT_HORIZON_RANGE
+    rng: Rng,
+    split: str = "train",
+    horizon_range: tuple[int, int] = DEFAULT_HORIZON_RANGE,
+    activation: str | None = None,
 ) -> TaskConfig:
     """A random task config, a deterministic function of ``rng``'s state.
 
@@ -277,7 +280,8 @@ def sample_task_config(
     ``split="held_out"`` gives tasks with at least one. Architecture, dataset (CNNs read images),
     depth, width, activation, BatchNorm, batch size (log-uniform), init scale (log-uniform in
     ``INIT_SCALE_RANGE``), horizon (log-uniform in ``horizon_range``, inclusive) and seeds are
-    drawn from one distribution and rejected until the split's condition holds.
+    drawn from one distribution and rejected until the split's condition holds. ``activation``,
+    if given, replaces the drawn one (a sub-distribution, e.g. tanh networks only).
     """
     if split not in ("train", "held_out"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'held_out'")
@@ -287,5 +291,7 @@ def sample_task_config(
     want_held_out = split == "held_out"
     while True:
         config = _sample_any(rng, horizon_range)
+        if activation is not None:
+            config = dataclasses.replace(config, activation=activation)
         if bool(held_out_properties(config)) == want_held_out:
             return config

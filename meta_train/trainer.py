@@ -31,6 +31,7 @@ from nfopt.learned_update import LearnedUpdate, UpdateConfig
 from . import checkpointing
 from .distributed import Group
 from .init_rule import init_rule
+from .task_models import ACTIVATIONS
 from .tasks import TaskConfig, sample_task_config
 from .unroll import LOSS_EPS, InnerRun
 
@@ -51,7 +52,8 @@ class MetaConfig:
     ``horizon_min``/``horizon_max``: inner horizons T are drawn log-uniformly from this range.
     ``first_order``: inner gradients are treated as constants of the rule (cheaper, biased).
     ``loss_eps``: added to the inner loss inside the meta-loss's log. ``rule``: the update rule
-    meta-trained (its initial weights come from ``seed``).
+    meta-trained (its initial weights come from ``seed``). ``activation``: if not empty, every
+    task uses this activation (a narrower distribution, for experiments).
     ``threads``: intra-op threads per process (one per process is fastest for these small tasks;
     use several processes to use several cores). ``checkpoint``: training-checkpoint path, by
     default ``out`` + ``.train.pt``. ``log_dir``: TensorBoard directory, none if empty.
@@ -67,6 +69,7 @@ class MetaConfig:
     clip: float = 1.0
     first_order: bool = False
     loss_eps: float = LOSS_EPS
+    activation: str = ""
     rule: UpdateConfig = UpdateConfig()
     device: str = "cpu"
     threads: int = 1
@@ -99,6 +102,8 @@ class MetaConfig:
             raise ValueError(
                 f"meta_lr, clip and loss_eps must be positive, got {self.meta_lr}, {self.clip}, {self.loss_eps}"
             )
+        if self.activation and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be empty or one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -192,7 +197,8 @@ class MetaTrainer:
     def task_config(self, slot: int, draw: int) -> TaskConfig:
         """The ``draw``-th task of (global) ``slot``: a pure function of (seed, slot, draw)."""
         rng = np.random.default_rng([self.config.seed, slot, draw])
-        return sample_task_config(rng, "train", (self.config.horizon_min, self.config.horizon_max))
+        horizons = (self.config.horizon_min, self.config.horizon_max)
+        return sample_task_config(rng, "train", horizons, self.config.activation or None)
 
     def _run(self, i: int) -> tuple[InnerRun, int]:
         """The run of this rank's ``i``-th slot, a new one if the last is done; and how many tasks were drawn."""

@@ -24,6 +24,8 @@ import torch
 from nfopt.features import FeatureConfig, init_state
 from nfopt.labelling import label_model
 from nfopt.learned_update import LearnedUpdate
+from nfopt.monomial_labelling import label_monomial
+from nfopt.monomial_space import MonomialSpec
 from nfopt.weight_space import WeightSpaceSpec
 
 from .tasks import Task, TaskConfig
@@ -31,20 +33,26 @@ from .tasks import Task, TaskConfig
 LOSS_EPS = 1e-8
 """Added to the inner loss inside the meta-loss's log."""
 
-_SPECS: dict[tuple[str, tuple[int, ...]], WeightSpaceSpec] = {}
+_SPECS: dict[tuple[str, tuple[int, ...], bool], WeightSpaceSpec | MonomialSpec] = {}
 
 
-def task_spec(task: Task) -> WeightSpaceSpec:
+def task_spec(task: Task, sign_flips: bool = False) -> WeightSpaceSpec | MonomialSpec:
     """The labelled weight space of a task's model, inferred once per architecture and input shape.
 
     The model's repr names every layer and its shape. Example inputs let the labelling couple
     across shape-dependent operations (a CNN's flatten before its head). Reusing one spec object
-    also lets the NF-layers' per-spec plan cache hit at once.
+    also lets the NF-layers' per-spec plan cache hit at once. ``sign_flips``: the monomial spec
+    with the sets that admit sign flips (for a rule equivariant to them).
     """
-    key = (repr(task.model), task.dataset.input_shape)
+    key = (repr(task.model), task.dataset.input_shape, sign_flips)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = _SPECS[key] = label_model(task.model, (task.dataset.x_train[:2],)).params
+        example = (task.dataset.x_train[:2],)
+        if sign_flips:
+            spec = label_monomial(task.model, example).params.only("sign")
+        else:
+            spec = label_model(task.model, example).params
+        _SPECS[key] = spec
     return spec
 
 
@@ -68,7 +76,6 @@ class InnerRun:
         diverged: bool = False,
     ) -> None:
         self.task = task
-        self.spec = task_spec(task)
         self.names = tuple(name for name, _ in task.model.named_parameters())
         self.params, self.buffers, self.states = params, buffers, states
         self.grads, self.loss = grads, loss
@@ -115,9 +122,10 @@ class InnerRun:
             raise RuntimeError(f"this run is done (step {self.step} of {self.horizon}, diverged={self.diverged})")
         n = min(length, self.horizon - self.step)
         params, states, grads, buffers = self.params, self.states, self.grads, self.buffers
+        spec = task_spec(self.task, rule.config.sign_flips)
         losses = []
         for _ in range(n):
-            params, states, _ = rule(self.spec, params, grads, states)
+            params, states, _ = rule(spec, params, grads, states)
             x, y = self.task.sample_batch(self.data_generator)
             loss, buffers = self.task.loss(dict(zip(self.names, params)), buffers, x, y)
             grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=not first_order)

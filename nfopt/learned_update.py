@@ -11,6 +11,12 @@ meta-training moves away from Adam only where that helps. B (``max_deviation``) 
 meta-training distribution the rule stays a bounded perturbation of Adam. This module is the functional core
 shared by :class:`~nfopt.optimizer.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
+
+Given a :class:`~nfopt.monomial_space.MonomialSpec` whose sets flip signs (hidden neurons of tanh
+networks), a rule configured with ``sign_flips`` is also equivariant to those flips, as Adam is: the features that do not flip
+with the weights (sqrt(v)) are multiplied by sign(u) and the step-size channel c by sign(u)
+again, so that d flips with the weights and exp(γ·c) does not. Scalings are refused: gradient
+training is not equivariant to them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .features import FeatureConfig, adam_direction, features, update_statistics
+from .monomial_space import MonomialSpec
 from .nfn import NFN
 from .weight_space import WeightSpaceSpec
 
@@ -45,6 +52,7 @@ class UpdateConfig:
     gamma: float = 0.1
     max_deviation: float = 3.0
     max_log_scale: float = 2.0
+    sign_flips: bool = False  # equivariant to sign flips of hidden neurons that admit them (tanh)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
@@ -83,7 +91,7 @@ class LearnedUpdate(nn.Module):
 
     def forward(
         self,
-        spec: WeightSpaceSpec,
+        spec: WeightSpaceSpec | MonomialSpec,
         params: Sequence[torch.Tensor],
         grads: Sequence[torch.Tensor],
         states: Sequence[dict[str, torch.Tensor]],
@@ -98,6 +106,9 @@ class LearnedUpdate(nn.Module):
         """
         cfg = self.config.features
         n = len(params)
+        if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
+            spec = spec.space  # a rule meta-trained without sign flips reads only the permutations
+        flips = _flipping(spec, n)
         lrs = [1.0] * n if lrs is None else lrs
         weight_decays = [0.0] * n if weight_decays is None else weight_decays
         oks = [torch.isfinite(g.sum()).to(g.dtype) for g in grads]  # one read; inf/NaN survive a sum
@@ -105,16 +116,17 @@ class LearnedUpdate(nn.Module):
         states = [update_statistics(g, s, cfg, ok) for g, s, ok in zip(grads, states, oks)]
         directions = [adam_direction(s, cfg) for s in states]
         feats = [features(p, g, s, u, r, cfg) for p, g, s, (u, r) in zip(params, grads, states, directions)]
-        xs = [x for x, _, _ in feats]
+        xs = [_odd_features(x, u) if f else x for (x, _, _), (u, _), f in zip(feats, directions, flips)]
         scale = torch.stack([s for _, s, _ in feats])
         context = torch.stack([c for _, _, c in feats])
         out = self.nfn(spec, xs, context, scale)
         alpha, beta, gamma = self.scalars()
         bound, limit = self.config.max_deviation, self.config.max_log_scale
         new_params = []
-        for p, (u, _), y, ok, lr, wd in zip(params, directions, out, oks, lrs, weight_decays):
+        for p, (u, _), y, ok, lr, wd, f in zip(params, directions, out, oks, lrs, weight_decays, flips):
             deviation = torch.tanh(y[0] * (beta / bound))
-            step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * y[1], -limit, limit))
+            c = y[1] * torch.sign(u) if f else y[1]
+            step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * c, -limit, limit))
             rate = (lr * ok) * alpha
             decayed = p * (1 - rate * wd) if wd else p
             new_params.append(torch.addcmul(decayed, -rate, step))
@@ -157,3 +169,21 @@ class LearnedUpdate(nn.Module):
         rule.load_state_dict({k: t.to(v.dtype) for k, t in tensors.items() for v in [expected[k]]})
         rule.provenance = meta.get("provenance", {})
         return rule
+
+
+def _flipping(spec: WeightSpaceSpec | MonomialSpec, n: int) -> list[bool]:
+    """Per tensor, whether its elements flip sign under the spec's group."""
+    if not isinstance(spec, MonomialSpec) or not spec.symmetries:
+        return [False] * n
+    scaled = [label for label, kind in spec.symmetries if kind == "scale"]
+    if scaled:
+        raise ValueError(
+            f"neuron sets {scaled} admit scalings, to which gradient training is not equivariant; "
+            "give the update rule a spec with sign flips only"
+        )
+    return [spec.factor_group(i) == "sign" for i in range(n)]
+
+
+def _odd_features(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Features of a sign-flipping tensor with sqrt(v) (which does not flip) made to flip, by sign(u)."""
+    return torch.cat([x[:-2], (x[-2] * torch.sign(u)).unsqueeze(0), x[-1:]])

@@ -65,7 +65,7 @@ class MonomialSpec:
         object.__setattr__(self, "_by_set", by_set)
         exponents = self.exponents
         if exponents is None:
-            exponents = tuple(_default_exponents(t.axes) for t in self.space.tensors)
+            exponents = tuple(default_exponents(t.axes) for t in self.space.tensors)
         exponents = tuple(tuple(int(e) for e in row) for row in exponents)
         if len(exponents) != len(self.space.tensors):
             raise ValueError(f"{len(exponents)} exponent tuples for {len(self.space.tensors)} tensors")
@@ -89,6 +89,10 @@ class MonomialSpec:
     def permutations_only(cls, space: WeightSpaceSpec) -> MonomialSpec:
         """The spec whose group is the permutation group of ``space``: no set admits more."""
         return cls(space)
+
+    def only(self, *kinds: str) -> MonomialSpec:
+        """The spec keeping only the symmetries of these kinds (e.g. ``"sign"``): a subgroup."""
+        return MonomialSpec(self.space, tuple((s, k) for s, k in self.symmetries if k in kinds), self.exponents)
 
     def symmetry(self, label: Label) -> str:
         """``"perm"``, ``"sign"`` or ``"scale"``: what ``label`` admits beyond permutations."""
@@ -199,7 +203,7 @@ def sign_scale_invariants(
     return [x.abs() if mono.factor_group(i) in ("sign", "both") else x for i, x in enumerate(xs)]
 
 
-def _default_exponents(axes: Sequence[Label]) -> tuple[int, ...]:
+def default_exponents(axes: Sequence[Label]) -> tuple[int, ...]:
     """+1 on the first labelled axis (a layer's outputs), -1 on a second (its inputs), 0 on fixed."""
     out, seen = [], 0
     for label in axes:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .features import init_state
 from .learned_update import LearnedUpdate
+from .monomial_space import MonomialSpec, as_monomial, default_exponents
 from .weight_space import TensorSpec, WeightSpaceSpec
 
 DEFAULT_CHECKPOINT = "default.nfopt"
@@ -44,7 +45,9 @@ class NFNOptimizer(Optimizer):
         weight_decay: decoupled weight decay, applied as AdamW does with learning rate ``lr·α``.
         labelling: the weight-space labelling of the parameters (``NFNOptimizer.for_model`` infers
             it from a model). Without one, every tensor's axes are independent neuron sets: still
-            equivariant, but the NFN cannot pass information between layers.
+            equivariant, but the NFN cannot pass information between layers. A
+            :class:`~nfopt.monomial_space.MonomialSpec` adds sign-flip symmetries, which a
+            checkpoint meta-trained with ``sign_flips`` respects (``for_model`` infers them).
 
     The update of every parameter is computed jointly from all parameters that have a gradient.
     State per parameter: momenta at each decay rate, the second moment and a step count, in
@@ -59,7 +62,7 @@ class NFNOptimizer(Optimizer):
         ckpt: str | Path | None = None,
         lr: float = 1.0,
         weight_decay: float = 0.0,
-        labelling: WeightSpaceSpec | None = None,
+        labelling: WeightSpaceSpec | MonomialSpec | None = None,
         *,
         rule: LearnedUpdate | None = None,
     ) -> None:
@@ -79,7 +82,9 @@ class NFNOptimizer(Optimizer):
         self.rule_fingerprint = _fingerprint(rule)
         self._rules: dict[tuple[torch.device, torch.dtype], LearnedUpdate] = {}
         self._labels: dict[int, TensorSpec] = {}
-        self._specs: dict[tuple[int, ...], WeightSpaceSpec] = {}
+        self._exponents: dict[int, tuple[int, ...]] = {}
+        self._symmetries: dict[Any, str] = {}
+        self._specs: dict[tuple[int, ...], WeightSpaceSpec | MonomialSpec] = {}
         self._warned_nonfinite = False
         if labelling is not None:
             self._set_labelling(labelling)
@@ -101,31 +106,47 @@ class NFNOptimizer(Optimizer):
         ``example_inputs`` let the structure inference follow shapes (a flatten of a 1x1 map, a
         BatchNorm1d); see :func:`nfopt.labelling.label_model`.
         """
-        from .labelling import label_model  # torch.fx machinery, only needed here
-
-        spec = label_model(model, example_inputs).params
-        by_id = {id(p): t for p, t in zip(model.parameters(), spec.tensors)}
         opt = cls(model.parameters() if params is None else params, ckpt, **kwargs)
+        # torch.fx machinery, only needed here
+        if opt.rule.config.sign_flips:
+            from .monomial_labelling import label_monomial
+
+            spec: WeightSpaceSpec | MonomialSpec = label_monomial(model, example_inputs).params.only("sign")
+        else:
+            from .labelling import label_model
+
+            spec = label_model(model, example_inputs).params
+        mono = as_monomial(spec)
+        by_id = {id(p): i for i, p in enumerate(model.parameters())}
         for p in opt._all_params():
             if id(p) not in by_id:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} given to for_model is not one of the model's")
-        opt._labels = {id(p): by_id[id(p)] for p in opt._all_params()}
+        opt._label(mono, [by_id[id(p)] for p in opt._all_params()])
         return opt
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _set_labelling(self, spec: WeightSpaceSpec) -> None:
+    def _set_labelling(self, spec: WeightSpaceSpec | MonomialSpec) -> None:
         params = self._all_params()
-        if len(spec) != len(params):
+        mono = as_monomial(spec)
+        if len(mono.space) != len(params):
             raise ValueError(
-                f"the labelling describes {len(spec)} tensors but the optimizer holds {len(params)} "
+                f"the labelling describes {len(mono.space)} tensors but the optimizer holds {len(params)} "
                 "parameters; label exactly the parameters given, in order (NFNOptimizer.for_model does)"
             )
-        for p, t in zip(params, spec.tensors):
+        for p, t in zip(params, mono.space.tensors):
             if tuple(p.shape) != t.shape:
                 raise ValueError(f"labelling of {t.name or '?'} is for shape {t.shape}, the parameter has {tuple(p.shape)}")
-        self._labels = {id(p): t for p, t in zip(params, spec.tensors)}
+        self._label(mono, range(len(params)))
+
+    def _label(self, mono: MonomialSpec, indices: Iterable[int]) -> None:
+        """Give the optimizer's parameters, in order, the labels of these tensors of ``mono``."""
+        params = self._all_params()
+        indices = list(indices)
+        self._labels = {id(p): mono.space.tensors[i] for p, i in zip(params, indices)}
+        self._exponents = {id(p): mono.exponents[i] for p, i in zip(params, indices)}
+        self._symmetries = dict(mono.symmetries)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -148,15 +169,23 @@ class NFNOptimizer(Optimizer):
                 for p in self.param_groups[-1]["params"]:
                     self._labels.setdefault(id(p), TensorSpec.independent(p.shape, f"group{len(self.param_groups) - 1}.{id(p)}"))
 
-    def spec_for(self, params: list[torch.Tensor]) -> WeightSpaceSpec:
-        """The labelled weight space the NFN sees for these parameters (cached per list)."""
+    def spec_for(self, params: list[torch.Tensor]) -> WeightSpaceSpec | MonomialSpec:
+        """The labelled weight space the NFN sees for these parameters (cached per list); a
+        monomial spec where the labelling found sign-flip symmetries."""
         key = tuple(id(p) for p in params)
         spec = self._specs.get(key)
         if spec is None:
-            if self._labels:
-                spec = WeightSpaceSpec(tuple(self._labels[id(p)] for p in params))
-            else:
+            if not self._labels:
                 spec = WeightSpaceSpec.independent(params)
+            else:
+                spec = WeightSpaceSpec(tuple(self._labels[id(p)] for p in params))
+                present = {label for t in spec.tensors for label in t.axes}
+                symmetries = tuple((s, k) for s, k in self._symmetries.items() if s in present)
+                if symmetries:
+                    exponents = tuple(
+                        self._exponents.get(id(p)) or default_exponents(t.axes) for p, t in zip(params, spec.tensors)
+                    )
+                    spec = MonomialSpec(spec, symmetries, exponents)
             self._specs[key] = spec
         return spec
 

@@ -13,7 +13,8 @@ from nfopt.features import init_state
 from nfopt.learned_update import LearnedUpdate, UpdateConfig
 from nfopt.weight_space import WeightSpaceSpec
 
-from .weight_spaces import mlp_spec
+from .rules import fresh_rule, open_rule
+from .weight_spaces import mlp_spec, monomial_mlp_spec
 
 
 def test_fresh_rule_steps_like_adam():
@@ -131,3 +132,48 @@ def test_a_step_strays_from_adam_by_a_bounded_amount():
     u_max = 1 / (1 - cfg.features.momentum_decays[cfg.features.adam_momentum])  # |m̂/sqrt(v̂)| at step 1
     assert step.max() <= cfg.alpha * (u_max + cfg.max_deviation) * torch.exp(torch.tensor(cfg.max_log_scale)) + 1e-12
     assert step.min() > cfg.alpha  # and the outputs did act: larger than Adam's first step (α)
+
+
+def _flip_run(rule, spec, run_spec, element, steps=4):
+    """Params after ``steps`` updates from flipped inputs, and the flipped params of the plain run."""
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.space.tensors]
+    grads = [[torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.space.tensors] for _ in range(steps)]
+    flipped = spec.act(params, element)
+    states = [init_state(p, rule.config.features) for p in params]
+    flipped_states = [init_state(p, rule.config.features) for p in params]
+    for gs in grads:
+        params, states, _ = rule(run_spec, params, gs, states)
+        flipped, flipped_states, _ = rule(run_spec, flipped, spec.act(gs, element), flipped_states)
+    return flipped, spec.act(params, element)
+
+
+def test_rule_is_equivariant_to_sign_flips_given_a_monomial_spec():
+    """Flipping hidden neurons of a tanh MLP flips its trajectory under the rule, as under Adam;
+    the same rule given only the permutation spec does not commute with flips."""
+    spec = monomial_mlp_spec([3, 5, 4, 2], "sign")
+    rule = open_rule(sign_flips=True).double()
+    element = spec.random_element(torch.Generator().manual_seed(1))
+    lhs, rhs = _flip_run(rule, spec, spec, element)
+    assert max((a - b).abs().max().item() for a, b in zip(lhs, rhs)) < 1e-12
+    lhs, rhs = _flip_run(rule, spec, spec.space, element)
+    assert max((a - b).abs().max().item() for a, b in zip(lhs, rhs)) > 1e-6
+
+
+def test_a_rule_trained_without_sign_flips_ignores_them():
+    spec = monomial_mlp_spec([3, 5, 2], "sign")
+    rule = open_rule().double()
+    params = [torch.randn(t.shape, dtype=torch.float64) for t in spec.space.tensors]
+    grads = [torch.randn_like(p) for p in params]
+    states = [init_state(p, rule.config.features) for p in params]
+    for a, b in zip(rule(spec, params, grads, states)[0], rule(spec.space, params, grads, states)[0]):
+        assert torch.equal(a, b)
+
+
+def test_rule_refuses_scalings():
+    spec = monomial_mlp_spec([3, 5, 2], "scale")
+    rule = fresh_rule(sign_flips=True).double()
+    params = [torch.randn(t.shape, dtype=torch.float64) for t in spec.space.tensors]
+    states = [init_state(p, rule.config.features) for p in params]
+    with pytest.raises(ValueError, match="admit scalings"):
+        rule(spec, params, params, states)

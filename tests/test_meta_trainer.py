@@ -30,7 +30,8 @@ def test_overrides_are_typed_by_the_config_fields():
     assert MetaConfig.from_dict({"clip": 2, "rule": {"hidden_channels": 3}}).clip == 2.0
     for bad, message in [("nope=1", "unknown config field"), ("rule.nope=1", "unknown config field"),
                          ("tasks_per_step=two", "takes a int"), ("first_order=maybe", "true or false"),
-                         ("tasks_per_step=0", ">= 1"), ("horizon_max=10", "below horizon_min"), ("seed", "key=value")]:
+                         ("tasks_per_step=0", ">= 1"), ("horizon_max=10", "below horizon_min"), ("seed", "key=value"),
+                         ("activation=swish", "activation must be empty or one of")]:
         with pytest.raises(ValueError, match=message):
             MetaConfig().with_overrides([bad])
     with pytest.raises(ValueError, match="unknown meta-training config fields"):

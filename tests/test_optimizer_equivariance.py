@@ -11,6 +11,7 @@ from torch import nn
 
 from nfopt import NFNOptimizer
 from nfopt.labelling import label_model, permute_model_
+from nfopt.monomial_labelling import act_model_, label_monomial
 from nfopt.weight_space import inverse_permutation
 
 from .rules import open_rule
@@ -112,3 +113,23 @@ def test_handing_over_the_model_changes_the_updates():
     train(a, NFNOptimizer(a.parameters(), rule=open_rule()), data)
     train(b, NFNOptimizer.for_model(b, rule=open_rule()), data)
     assert (flat(a) - flat(b)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("sign_flips", [True, False])
+def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips):
+    """A rule meta-trained with sign flips, handed a tanh model, commutes with flipping hidden
+    neurons (as Adam does); a permutation-only rule does not, so the check can fail."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    data = batches((16, 5), 30)
+    labelling = label_monomial(model, (data[0][0],))
+    assert {kind for _, kind in labelling.params.symmetries} == {"sign"}
+    element = labelling.random_element(torch.Generator().manual_seed(1))
+    twin = copy.deepcopy(model)
+    act_model_(twin, labelling, element)
+    for m in (model, twin):
+        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips), example_inputs=(data[0][0],)), data)
+    act_model_(model, labelling, element)
+    a, b = flat(model), flat(twin)
+    error = ((a - b).abs().max() / a.abs().max()).item()
+    assert error < 1e-7 if sign_flips else error > 1e-4

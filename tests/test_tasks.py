@@ -324,3 +324,13 @@ def test_sampling_deterministic_split_and_ranges():
         sample_task_config(rng, split="test")
     with pytest.raises(ValueError, match="horizon_range"):
         sample_task_config(rng, horizon_range=(100, 10))
+
+
+def test_activation_narrows_the_distribution_and_keeps_the_split():
+    plain = [sample_task_config(random.Random(s)) for s in range(30)]
+    tanh = [sample_task_config(random.Random(s), activation="tanh") for s in range(30)]
+    assert all(c.activation == "tanh" and not held_out_properties(c) for c in tanh)
+    same = [dataclasses.replace(p, activation="tanh") == t for p, t in zip(plain, tanh)]
+    assert sum(same) >= 20  # other fields as drawn, unless the split rejected the first draw
+    held = [sample_task_config(random.Random(s), "held_out", activation="tanh") for s in range(30)]
+    assert all(c.activation == "tanh" and held_out_properties(c) for c in held)
