@@ -191,18 +191,28 @@ def invariance_error(
 
     Zero up to rounding for a correct labelling; the model itself is not modified.
     """
+    return output_change(
+        model, example_inputs, lambda m: permute_model_(m, labelling, labelling.random_permutation(generator)), trials
+    )
+
+
+def output_change(
+    model: nn.Module, example_inputs: tuple | torch.Tensor, transform: Callable[[nn.Module], None], trials: int
+) -> float:
+    """The largest relative change of any output of the model (in eval mode) after ``transform``
+    (applied in place to a copy, once per trial); the model itself is not modified."""
     inputs = _as_tuple(example_inputs)
     reference = copy.deepcopy(model).eval()
     worst = 0.0
     with torch.no_grad():
         expected = _output_tensors(reference(*inputs))
         for _ in range(trials):
-            permuted = copy.deepcopy(reference)
-            permute_model_(permuted, labelling, labelling.random_permutation(generator))
-            for y, y_perm in zip(expected, _output_tensors(permuted(*inputs)), strict=True):
+            moved = copy.deepcopy(reference)
+            transform(moved)
+            for y, y_moved in zip(expected, _output_tensors(moved(*inputs)), strict=True):
                 if y.numel():
                     scale = y.abs().max().clamp_min(torch.finfo(y.dtype).tiny)
-                    worst = max(worst, float((y_perm - y).abs().max() / scale))
+                    worst = max(worst, float((y_moved - y).abs().max() / scale))
     return worst
 
 

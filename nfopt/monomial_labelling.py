@@ -13,7 +13,6 @@ does not understand leaves the set with permutations only.
 
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,9 +33,9 @@ from nfopt.labelling import (
     _Inference,
     _leaves,
     _named,
-    _output_tensors,
     _record_shapes,
     label_model,
+    output_change,
     permute_model_,
 )
 from nfopt.monomial_space import MonomialElement, MonomialSpec
@@ -147,19 +146,10 @@ def monomial_invariance_error(
     (in eval mode) over ``trials`` random elements of its claimed group (scalings within
     ``log10_scale`` orders of magnitude either way). Zero up to rounding for a correct labelling;
     the model itself is not modified."""
-    inputs = _as_tuple(example_inputs)
-    reference = copy.deepcopy(model).eval()
-    worst = 0.0
-    with torch.no_grad():
-        expected = _output_tensors(reference(*inputs))
-        for _ in range(trials):
-            moved = copy.deepcopy(reference)
-            act_model_(moved, labelling, labelling.random_element(generator, log10_scale))
-            for y, y_moved in zip(expected, _output_tensors(moved(*inputs)), strict=True):
-                if y.numel():
-                    scale = y.abs().max().clamp_min(torch.finfo(y.dtype).tiny)
-                    worst = max(worst, float((y_moved - y).abs().max() / scale))
-    return worst
+    return output_change(
+        model, example_inputs, lambda m: act_model_(m, labelling, labelling.random_element(generator, log10_scale)),
+        trials,
+    )
 
 
 def _buffer_sets(labelling: ModelLabelling) -> set[Label]:
