@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     rows = compare(tanh_tasks(args.sampled), args.seeds, {"sign": args.sign, "perm": args.perm})
     seconds = time.perf_counter() - start
-    command = "python -m benchmarks.sign_symmetry " + " ".join(argv if argv is not None else [])
+    command = "python -m benchmarks.sign_symmetry " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(rows, command.strip(), seconds)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
