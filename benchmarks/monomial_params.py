@@ -23,7 +23,6 @@ exponents summing to the input ones. Fixed axes multiply the count by their size
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -35,6 +34,8 @@ from nfopt.monomial_space import MonomialSpec
 from nfopt.nf_layer import NFLayer
 from nfopt.reference_layers import HNPLinear, NetworkShape, NPLinear
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
+
+from .report import command_line, save_experiment
 
 OUT = Path(__file__).parent / "results" / "monomial"
 GROUPS = ("perm", "sign", "scale")
@@ -166,15 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     table = rows([int(d) for d in args.depths.split(",")], args.width, 64, 10)
-    command = "python -m benchmarks.monomial_params" + (f" --depths {args.depths}" if argv else "")
-    text = markdown(table, command)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "params.md").write_text(text)
-    (args.out / "params.json").write_text(
-        json.dumps({"command": command, "seconds": time.perf_counter() - start, "rows": table}, indent=1)
-    )
-
+    command = command_line("benchmarks.monomial_params", argv)
+    data = {"command": command, "seconds": time.perf_counter() - start, "rows": table}
+    save_experiment(args.out, "params", markdown(table, command), data)
 
 if __name__ == "__main__":
     main()

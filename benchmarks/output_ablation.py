@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ import torch
 
 from nfopt.learned_update import LearnedUpdate
 
+from .report import command_line, save_experiment
 from .runs import OptimizerSpec, RunSpec, train
 from .suite import ALL_TASKS
 
@@ -96,12 +95,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     rows = ablate(args.ckpt, tasks, args.seeds)
     seconds = time.perf_counter() - start
-    command = "python -m benchmarks.output_ablation " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command, seconds)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "output_ablation.md").write_text(text)
-    (args.out / "output_ablation.json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=1))
+    command = command_line("benchmarks.output_ablation", argv)
+    data = {"command": command, "seconds": seconds, "rows": rows}
+    save_experiment(args.out, "output_ablation", markdown(rows, command, seconds), data)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,19 @@ def json_ready(value: Any) -> Any:
 def write_json(results: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that ran ``module`` with ``argv`` (default: this process's arguments), for reports."""
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def save_experiment(folder: Path, stem: str, text: str, data: Mapping[str, Any]) -> None:
+    """Print an experiment's markdown report and write it and its data as ``<stem>.md`` and ``<stem>.json``."""
+    print(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(text)
+    write_json(json_ready(data), folder / f"{stem}.json")
 
 
 def _num(x: float | None, digits: int = 4) -> str:

@@ -16,10 +16,8 @@ each task's horizon over several seeds, the same batches for both. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 from meta_train.tasks import HELD_OUT, TaskConfig, sample_task_config
 
+from .report import command_line, save_experiment
 from .runs import OptimizerSpec, RunSpec, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,12 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     rows = compare(tanh_tasks(args.sampled), args.seeds, {"sign": args.sign, "perm": args.perm})
     seconds = time.perf_counter() - start
-    command = "python -m benchmarks.sign_symmetry " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command.strip(), seconds)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sign_symmetry.md").write_text(text)
-    (args.out / "sign_symmetry.json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=1))
+    command = command_line("benchmarks.sign_symmetry", argv)
+    data = {"command": command, "seconds": seconds, "rows": rows}
+    save_experiment(args.out, "sign_symmetry", markdown(rows, command, seconds), data)
 
 
 if __name__ == "__main__":
