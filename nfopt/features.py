@@ -74,7 +74,7 @@ def update_statistics(
 
     Functional (returns new tensors) so that unrolled meta-training can differentiate through it.
     """
-    rates = _constant([1 - d for d in cfg.momentum_decays], g) * ok
+    rates = constant([1 - d for d in cfg.momentum_decays], g) * ok
     momenta = torch.lerp(state["momenta"], g.expand_as(state["momenta"]), rates.reshape(-1, *([1] * g.dim())))
     v = torch.lerp(state["v"], g * g, (1 - cfg.beta2) * ok)
     return {"step": state["step"] + ok, "momenta": momenta, "v": v}
@@ -85,7 +85,7 @@ def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torc
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+def constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """A small constant tensor made once per dtype and device, not on every step."""
     return _cached_constant(tuple(values), like.dtype, like.device)
 
@@ -120,6 +120,6 @@ def features(
     them (the NFN folds it into its first layer's weights), and the tensor's context vector."""
     x = torch.cat([p.unsqueeze(0), g.unsqueeze(0), state["momenta"], root_v.unsqueeze(0), u.unsqueeze(0)])
     inv = inverse_rms(x, cfg.rms_eps)
-    scales = _constant(cfg.time_scales, p)
+    scales = constant(cfg.time_scales, p)
     context = torch.cat([torch.tanh(state["step"] / scales), (-0.1 * torch.log(inv[0])).reshape(1)])
     return x, inv, context

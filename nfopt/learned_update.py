@@ -32,6 +32,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .features import FeatureConfig, adam_direction, features, update_statistics
 from .monomial_space import MonomialSpec
+from .nf_layer import plan_for
 from .nfn import NFN
 from .weight_space import WeightSpaceSpec
 
@@ -108,7 +109,7 @@ class LearnedUpdate(nn.Module):
         n = len(params)
         if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
             spec = spec.space  # a rule meta-trained without sign flips reads only the permutations
-        flips = _flipping(spec, n)
+        flips = _flipping(spec)
         lrs = [1.0] * n if lrs is None else lrs
         weight_decays = [0.0] * n if weight_decays is None else weight_decays
         oks = [torch.isfinite(g.sum()).to(g.dtype) for g in grads]  # one read; inf/NaN survive a sum
@@ -171,17 +172,17 @@ class LearnedUpdate(nn.Module):
         return rule
 
 
-def _flipping(spec: WeightSpaceSpec | MonomialSpec, n: int) -> list[bool]:
-    """Per tensor, whether its elements flip sign under the spec's group."""
-    if not isinstance(spec, MonomialSpec) or not spec.symmetries:
-        return [False] * n
-    scaled = [label for label, kind in spec.symmetries if kind == "scale"]
-    if scaled:
+def _flipping(spec: WeightSpaceSpec | MonomialSpec) -> list[bool]:
+    """Per tensor, whether its elements flip sign under the spec's group (read from the layers'
+    cached plan, so a step does no work on it)."""
+    groups = [p.factor_group for p in plan_for(spec).tensors]
+    if "scale" in groups or "both" in groups:
+        scaled = [label for label, kind in spec.symmetries if kind == "scale"]
         raise ValueError(
             f"neuron sets {scaled} admit scalings, to which gradient training is not equivariant; "
             "give the update rule a spec with sign flips only"
         )
-    return [spec.factor_group(i) == "sign" for i in range(n)]
+    return [g == "sign" for g in groups]
 
 
 def _odd_features(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

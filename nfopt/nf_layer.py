@@ -29,6 +29,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .features import constant
 from .monomial_space import MonomialSpec, as_monomial
 from .weight_space import AXIS_TYPES, KINDS, Kind, TensorSpec, WeightSpaceSpec
 
@@ -238,7 +239,7 @@ class NFLayer(nn.Module):
             if plan.invariant:
                 means = torch.stack([pooled[i].mean(tuple(range(1, xc[i].dim()))).reshape(-1) for i in plan.invariant])
                 if scale is not None:
-                    means = means * (scale if plan.constants else scale[list(plan.invariant)])
+                    means = means * (scale if plan.constants else torch.stack([scale[i] for i in plan.invariant]))
                 const = const + torch.einsum("toc,c->to", self.G[kinds], means.mean(0))
             vectors = {}
             for ti, ax in plan.pooled_axes:
@@ -246,8 +247,7 @@ class NFLayer(nn.Module):
                 v = pooled[ti].mean(tuple(d for d in range(1, x.dim()) if d != ax + 1)).reshape(x.shape[0], -1)
                 vectors[(ti, ax)] = v if scale is None else v * scale[ti, :, None]
         if not plan.constants:
-            keep = [p.factor_group == "none" for p in plan.tensors]
-            const = const * torch.tensor(keep, dtype=const.dtype, device=const.device)[:, None]
+            const = const * constant([float(p.factor_group == "none") for p in plan.tensors], const)[:, None]
         out = []
         for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
             s = None if scale is None else scale[ti]

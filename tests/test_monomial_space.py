@@ -69,11 +69,7 @@ def test_act_multiplies_incoming_and_divides_outgoing_weights():
 )
 def test_invariants_are_invariant_and_permute_along(spec):
     xs = random_features(spec.space, 2)
-    try:
-        base = sign_scale_invariants(spec, xs)
-    except ValueError as e:  # a random spec may tie two scaled sets in a loop
-        assert "cannot undo the scalings" in str(e)
-        return
+    base = sign_scale_invariants(spec, xs)
     g = spec.random_element(torch.Generator().manual_seed(3), log10_scale=3.0)
     moved = sign_scale_invariants(spec, spec.act(xs, g, leading=1))
     for a, b in zip(spec.space.permute(base, g.perm, leading=1), moved):
