@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,12 +13,30 @@ import pytest
 import torch
 
 from meta_train.cli import main
+from meta_train.trainer import OPERATIONAL_FIELDS, MetaConfig
 from nfopt.learned_update import LearnedUpdate
-from nfopt.optimizer import NFNOptimizer
+from nfopt.optimizer import NFNOptimizer, default_checkpoint_path
 
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "meta_train" / "configs" / "smoke.json")
+COMMITTED = ROOT / "meta_train" / "configs" / "default.json"
+
+
+def test_shipped_default_is_the_committed_config_meta_trained():
+    """The rule in the wheel is what ``--config meta_train/configs/default.json`` produces: same
+    training config (bar where files go), same number of meta-steps, and the same rule config."""
+    rule = LearnedUpdate.load(default_checkpoint_path())
+    prov = rule.provenance
+    committed = MetaConfig.from_dict(json.loads(COMMITTED.read_text()))
+    shipped = MetaConfig.from_dict(prov["config"])
+    where = OPERATIONAL_FIELDS - {"meta_steps"}
+    assert {k: v for k, v in shipped.to_dict().items() if k not in where} == {
+        k: v for k, v in committed.to_dict().items() if k not in where
+    }
+    assert prov["meta_trained"] is True and prov["meta_steps"] == committed.meta_steps
+    assert prov["skipped_steps"] == 0 and prov["world_size"] == 1
+    assert rule.config == committed.rule
 
 
 def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path):
