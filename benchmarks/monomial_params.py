@@ -35,7 +35,7 @@ from nfopt.nf_layer import NFLayer
 from nfopt.reference_layers import HNPLinear, NetworkShape, NPLinear
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
-from .report import command_line, save_experiment
+from .report import save_experiment
 
 OUT = Path(__file__).parent / "results" / "monomial"
 GROUPS = ("perm", "sign", "scale")
@@ -167,9 +167,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     table = rows([int(d) for d in args.depths.split(",")], args.width, 64, 10)
-    command = command_line("benchmarks.monomial_params", argv)
-    data = {"command": command, "seconds": time.perf_counter() - start, "rows": table}
-    save_experiment(args.out, "params", markdown(table, command), data)
+    seconds = time.perf_counter() - start
+    save_experiment(args.out, "params", "benchmarks.monomial_params", argv, table, seconds,
+                    lambda command: markdown(table, command))
+
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import torch
 
 from nfopt.learned_update import LearnedUpdate
 
-from .report import command_line, save_experiment
+from .report import save_experiment
 from .runs import OptimizerSpec, RunSpec, train
 from .suite import ALL_TASKS
 
@@ -95,9 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     rows = ablate(args.ckpt, tasks, args.seeds)
     seconds = time.perf_counter() - start
-    command = command_line("benchmarks.output_ablation", argv)
-    data = {"command": command, "seconds": seconds, "rows": rows}
-    save_experiment(args.out, "output_ablation", markdown(rows, command, seconds), data)
+    save_experiment(args.out, "output_ablation", "benchmarks.output_ablation", argv, rows, seconds, lambda command: markdown(rows, command, seconds))
 
 
 if __name__ == "__main__":

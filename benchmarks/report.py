@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,23 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def save_experiment(folder: Path, stem: str, text: str, data: Mapping[str, Any]) -> None:
-    """Print an experiment's markdown report and write it and its data as ``<stem>.md`` and ``<stem>.json``."""
+def save_experiment(
+    folder: Path,
+    stem: str,
+    module: str,
+    argv: Sequence[str] | None,
+    rows: Any,
+    seconds: float,
+    render: Callable[[str], str],
+) -> None:
+    """Report an experiment that ``module`` ran with ``argv``: print its markdown (``render`` of the
+    command line) and write it as ``<stem>.md``, and the command, time and rows as ``<stem>.json``."""
+    command = command_line(module, argv)
+    text = render(command)
     print(text)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.md").write_text(text)
-    write_json(json_ready(data), folder / f"{stem}.json")
+    write_json(json_ready({"command": command, "seconds": seconds, "rows": rows}), folder / f"{stem}.json")
 
 
 def _num(x: float | None, digits: int = 4) -> str:

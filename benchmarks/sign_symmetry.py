@@ -26,7 +26,7 @@ import numpy as np
 
 from meta_train.tasks import HELD_OUT, TaskConfig, sample_task_config
 
-from .report import command_line, save_experiment
+from .report import save_experiment
 from .runs import OptimizerSpec, RunSpec, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,9 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     rows = compare(tanh_tasks(args.sampled), args.seeds, {"sign": args.sign, "perm": args.perm})
     seconds = time.perf_counter() - start
-    command = command_line("benchmarks.sign_symmetry", argv)
-    data = {"command": command, "seconds": seconds, "rows": rows}
-    save_experiment(args.out, "sign_symmetry", markdown(rows, command, seconds), data)
+    save_experiment(args.out, "sign_symmetry", "benchmarks.sign_symmetry", argv, rows, seconds, lambda command: markdown(rows, command, seconds))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class _Plan:
     pooled_axes: tuple[tuple[int, int], ...]  # every (tensor, canonical axis) some neighbour reads
     invariant: tuple[int, ...]  # tensors whose means are invariants: they feed the global term
     constants: bool  # whether every tensor takes the per-tensor constant terms (bias, context, global)
+    constant_mask: tuple[float, ...]  # per tensor, 1.0 where it takes them (its factors are trivial)
 
 
 def _axis_order(t: TensorSpec) -> tuple[int, ...] | None:
@@ -117,7 +118,8 @@ def plan_for(spec: WeightSpaceSpec | MonomialSpec) -> _Plan:
             )
         )
     invariant = tuple(i for i, p in enumerate(plans) if p.factor_group == "none")
-    return _Plan(tuple(plans), tuple(sorted(pooled)), invariant, len(invariant) == len(plans))
+    mask = tuple(float(i in invariant) for i in range(len(plans)))
+    return _Plan(tuple(plans), tuple(sorted(pooled)), invariant, len(invariant) == len(plans), mask)
 
 
 def to_canonical(x: torch.Tensor, p: _TensorPlan) -> torch.Tensor:
@@ -247,7 +249,7 @@ class NFLayer(nn.Module):
                 v = pooled[ti].mean(tuple(d for d in range(1, x.dim()) if d != ax + 1)).reshape(x.shape[0], -1)
                 vectors[(ti, ax)] = v if scale is None else v * scale[ti, :, None]
         if not plan.constants:
-            const = const * constant([float(p.factor_group == "none") for p in plan.tensors], const)[:, None]
+            const = const * constant(plan.constant_mask, const)[:, None]
         out = []
         for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
             s = None if scale is None else scale[ti]
