@@ -29,7 +29,7 @@ from torch import nn
 
 from nfopt import NFNOptimizer
 from nfopt.labelling import label_model
-from nfopt.nf_layer import NFLayer
+from nfopt.nn.layer import NFLayer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -8,7 +8,7 @@ For MLPs of growing depth it counts, per pair of input and output channels:
   symmetric, input and output axes indexed) that commute with the group: permutations only, with
   sign flips (tanh networks), with positive scalings (ReLU networks), biases included. This is
   the parameter count of the most general fixed-shape layer (the seed papers' setting);
-- the seed paper's reference HNP and NP layers (:mod:`nfopt.reference_layers`), as built;
+- the seed paper's reference HNP and NP layers (:mod:`nfopt.nn.reference`), as built;
 - nfopt's shared NF-layer: its weights in total (the same for any network) and the ones that act
   on the network under each group (those that get a gradient).
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from nfopt.monomial_space import MonomialSpec
-from nfopt.nf_layer import NFLayer
-from nfopt.reference_layers import HNPLinear, NetworkShape, NPLinear
+from nfopt.weight_space import MonomialSpec
+from nfopt.nn.layer import NFLayer
+from nfopt.nn.reference import HNPLinear, NetworkShape, NPLinear
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 from .report import save_experiment

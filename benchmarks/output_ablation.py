@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nfopt.learned_update import LearnedUpdate
+from nfopt.optim.rule import LearnedUpdate
 
 from .report import save_experiment
 from .runs import OptimizerSpec, RunSpec, train

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from meta_train.tasks import HELD_OUT, Task
-from nfopt.learned_update import LearnedUpdate
-from nfopt.optimizer import default_checkpoint_path
+from nfopt.optim.rule import LearnedUpdate
+from nfopt.optim.optimizer import default_checkpoint_path
 
 from . import metrics
 from .costs import state_bytes_per_param, compare

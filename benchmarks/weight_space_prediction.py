@@ -41,8 +41,8 @@ from torch import nn
 from torch.func import vmap
 
 from meta_train.datasets import load_dataset
-from nfopt.monomial_space import MonomialElement, MonomialSpec
-from nfopt.nfn import NFN, InvariantPool
+from nfopt.weight_space import MonomialElement, MonomialSpec
+from nfopt.nn.nfn import NFN, InvariantPool
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 from .report import json_ready

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nfopt.learned_update import LearnedUpdate, UpdateConfig
+from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 
 
 def init_rule(config: UpdateConfig, seed: int) -> LearnedUpdate:

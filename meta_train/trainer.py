@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfopt.learned_update import LearnedUpdate, UpdateConfig
+from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 
 from . import checkpointing
 from .distributed import Group

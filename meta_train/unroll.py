@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from nfopt.features import FeatureConfig, init_state
+from nfopt.optim.features import FeatureConfig, init_state
 from nfopt.labelling import label_model
-from nfopt.learned_update import LearnedUpdate
-from nfopt.monomial_labelling import label_monomial
-from nfopt.monomial_space import MonomialSpec
+from nfopt.optim.rule import LearnedUpdate
+from nfopt.labelling.monomial import label_monomial
+from nfopt.weight_space import MonomialSpec
 from nfopt.weight_space import WeightSpaceSpec
 
 from .tasks import Task, TaskConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nfopt.learned_update import LearnedUpdate, UpdateConfig
+from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 
 
 def fresh_rule(**cfg) -> LearnedUpdate:

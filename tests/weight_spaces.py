@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from nfopt.monomial_space import MonomialElement, MonomialSpec
+from nfopt.weight_space import MonomialElement, MonomialSpec
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 
 

@@ -1,0 +1,115 @@
+"""Neural functional networks: stacks of NF-layers, and an invariant head that pools to a vector.
+
+Both take a plain weight space (permutation symmetry) or a
+:class:`~nfopt.weight_space.MonomialSpec` (sign flips and scalings too); for the latter, each
+tensor's nonlinearity is one that commutes with the factors its elements are multiplied by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..weight_space import MonomialSpec, as_monomial, sign_scale_invariants
+from .layer import NFLayer
+from .plan import plan_for
+from ..weight_space import KINDS, WeightSpaceSpec
+
+ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
+"""Applied to fresh layer outputs, which nothing else holds, so in place where torch can."""
+
+
+EQUIVARIANT_ACTIVATIONS = {"sign": torch.tanh_, "scale": torch.relu_, "both": None}
+"""The nonlinearity for a tensor whose elements flip sign (odd), scale (positively homogeneous) or
+both (none commutes with every nonzero factor: the identity)."""
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class NFN(nn.Module):
+    """An equivariant network on weight space: NF-layers with a pointwise nonlinearity between them.
+
+    The context vector (per-tensor invariants) enters the first layer only. ``zero_last`` closes
+    the output so that a fresh network maps everything to zero.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        n_layers: int = 2,
+        context_channels: int = 0,
+        pooled: bool = True,
+        activation: str = "relu",
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"an NFN needs at least one layer, got n_layers={n_layers}")
+        widths = [in_channels] + [hidden_channels] * (n_layers - 1) + [out_channels]
+        self.layers = nn.ModuleList(
+            NFLayer(i, o, context_channels if n == 0 else 0, pooled)
+            for n, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
+        )
+        self.activation_name = activation
+        self._act = _activation(activation)
+        if zero_last:
+            self.layers[-1].zero_()
+
+    def forward(
+        self,
+        spec: WeightSpaceSpec | MonomialSpec,
+        xs: Sequence[torch.Tensor],
+        context: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """``context`` and ``scale`` go to the first layer (see :meth:`NFLayer.forward`)."""
+        _check_features(spec, xs, self.layers[0].in_channels)
+        acts = [
+            self._act if p.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[p.factor_group]
+            for p in plan_for(spec).tensors
+        ]
+        for n, layer in enumerate(self.layers):
+            xs = layer(spec, xs, context, scale) if n == 0 else layer(spec, xs)
+            if n < len(self.layers) - 1:
+                xs = [x if act is None else act(x) for act, x in zip(acts, xs)]
+        return xs
+
+
+def _check_features(spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor], channels: int) -> None:
+    """Features are dense real tensors of shape (channels, *shape), one per tensor of the spec."""
+    space = as_monomial(spec).space
+    space.check_tensors(xs, leading=1, what="feature")
+    for i, (x, t) in enumerate(zip(xs, space.tensors)):
+        if x.shape[0] != channels:
+            raise ValueError(f"feature {t.name or i}: {x.shape[0]} channels, expected {channels}")
+
+
+class InvariantPool(nn.Module):
+    """Invariant summary of weight-space features: per kind, the mean over tensors of each tensor's
+    mean, concatenated over kinds (zeros for kinds that are absent). For a monomial spec the
+    features are first made sign- and scale-invariant (:func:`sign_scale_invariants`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    @property
+    def out_features(self) -> int:
+        return len(KINDS) * self.channels
+
+    def forward(self, spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_features(spec, xs, self.channels)
+        xs = sign_scale_invariants(spec, xs)
+        by_kind: list[list[torch.Tensor]] = [[] for _ in KINDS]
+        for x, p in zip(xs, plan_for(spec).tensors):
+            by_kind[p.kind].append(x.reshape(self.channels, -1).mean(1))
+        zero = xs[0].new_zeros(self.channels)
+        return torch.cat([torch.stack(m).mean(0) if m else zero for m in by_kind])

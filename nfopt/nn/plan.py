@@ -1,0 +1,135 @@
+"""The plan of a weight space: everything an NF-layer needs to know about it, computed once.
+
+For each tensor: its kind (which NF-layer weights apply), the axis order that brings it to the
+canonical layout (labelled axes first, fixed axes merged), the pooled subsets it takes, and for
+each labelled axis the neighbour relations it reads from other tensors on the same neuron set.
+For a :class:`~nfopt.weight_space.MonomialSpec` only the terms whose factors match at both ends
+are kept. Plans are cached per spec, so a step of the optimizer does no Python work on them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..weight_space import AXIS_TYPES, KINDS, MonomialSpec, TensorSpec, WeightSpaceSpec, as_monomial
+
+KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+SUBSET_SLOTS = {(k, s): i for i, (k, s) in enumerate((k, s) for k in KINDS for s in k.subsets())}
+AXIS_TYPE_INDEX = {t: i for i, t in enumerate(AXIS_TYPES)}
+N_RELATIONS = len(AXIS_TYPES) ** 2
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is brought to canonical layout and which weights apply to it."""
+
+    kind: int
+    perm: tuple[int, ...] | None  # axis order (after the channel axis) that puts labelled axes first
+    canonical: tuple[int, ...]
+    subsets: tuple[tuple[tuple[int, ...], int], ...]  # (canonical axes pooled, B slot)
+    # per labelled canonical axis: ((relation index, ((tensor, canonical axis), ...)), ...)
+    neighbours: tuple[tuple[tuple[int, tuple[tuple[int, int], ...]], ...], ...]
+    factor_group: str  # what multiplies the elements: "none", "sign", "scale" or "both"
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensors: tuple[TensorPlan, ...]
+    pooled_axes: tuple[tuple[int, int], ...]  # every (tensor, canonical axis) some neighbour reads
+    invariant: tuple[int, ...]  # tensors whose means are invariants: they feed the global term
+    constants: bool  # whether every tensor takes the per-tensor constant terms (bias, context, global)
+    constant_mask: tuple[float, ...]  # per tensor, 1.0 where it takes them (its factors are trivial)
+
+
+def _axis_order(t: TensorSpec) -> tuple[int, ...] | None:
+    order = t.labelled_axes + t.fixed_axes
+    return None if order == tuple(range(len(t.shape))) else order
+
+
+@lru_cache(maxsize=256)
+def plan_for(spec: WeightSpaceSpec | MonomialSpec) -> Plan:
+    """Everything about a weight space that the layer needs, computed once per spec."""
+    mono = as_monomial(spec)
+    space = mono.space
+    moving = {label for label, _ in mono.symmetries}
+    canon_axis: dict[tuple[int, int], int] = {}
+    for ti, t in enumerate(space.tensors):
+        for ci, ax in enumerate(t.labelled_axes):
+            canon_axis[(ti, ax)] = ci
+
+    def still(ti: int, axes: Sequence[int]) -> bool:
+        """Whether these labelled axes of tensor ti only permute (so means over them are equivariant)."""
+        return all(space.tensors[ti].axes[ax] not in moving for ax in axes)
+
+    def others_still(ti: int, ax: int) -> bool:
+        return still(ti, [a for a in space.tensors[ti].labelled_axes if a != ax])
+
+    plans = []
+    pooled: set[tuple[int, int]] = set()
+    for ti, t in enumerate(space.tensors):
+        kind = t.kind
+        neighbours = []
+        for ci, ax in enumerate(t.labelled_axes):
+            own_type = AXIS_TYPE_INDEX[(kind, ci)]
+            label = t.axes[ax]
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for tj, axj in space.set_members[label]:
+                if (tj, axj) == (ti, ax) or not (others_still(ti, ax) and others_still(tj, axj)):
+                    continue
+                if mono.symmetry(label) == "scale" and mono.exponents[ti][ax] != mono.exponents[tj][axj]:
+                    continue
+                cj = canon_axis[(tj, axj)]
+                other_type = AXIS_TYPE_INDEX[(space.tensors[tj].kind, cj)]
+                groups.setdefault(own_type * len(AXIS_TYPES) + other_type, []).append((tj, cj))
+                pooled.add((tj, cj))
+            neighbours.append(tuple((r, tuple(m)) for r, m in sorted(groups.items())))
+        plans.append(
+            TensorPlan(
+                kind=KIND_INDEX[kind],
+                perm=_axis_order(t),
+                canonical=t.canonical_shape(),
+                subsets=tuple(
+                    (s, SUBSET_SLOTS[(kind, s)])
+                    for s in kind.subsets()
+                    if still(ti, [t.labelled_axes[c] for c in s])
+                ),
+                neighbours=tuple(neighbours),
+                factor_group=mono.factor_group(ti),
+            )
+        )
+    invariant = tuple(i for i, p in enumerate(plans) if p.factor_group == "none")
+    mask = tuple(float(i in invariant) for i in range(len(plans)))
+    return Plan(tuple(plans), tuple(sorted(pooled)), invariant, len(invariant) == len(plans), mask)
+
+
+def to_canonical(x: torch.Tensor, p: TensorPlan) -> torch.Tensor:
+    """(C, *shape) -> (C, *canonical shape)."""
+    if p.perm is not None:
+        x = x.permute(0, *(a + 1 for a in p.perm))
+    return x.reshape(x.shape[0], *p.canonical)
+
+
+def from_canonical(y: torch.Tensor, p: TensorPlan, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_canonical`."""
+    if p.perm is None:
+        return y.reshape(y.shape[0], *shape)
+    y = y.reshape(y.shape[0], *(shape[a] for a in p.perm))
+    inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
+    return y.permute(0, *(i + 1 for i in inverse))
+
+
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor made once per dtype and device, not on every step."""
+    return _cached_constant(tuple(values), like.dtype, like.device)

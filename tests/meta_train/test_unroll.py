@@ -1,0 +1,140 @@
+"""Truncated unrolls: meta-gradients reach the rule, carry-over is detached, graphs are freed."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from meta_train.tasks import TaskConfig
+from meta_train.unroll import InnerRun
+
+from ..rules import fresh_rule, open_rule
+
+# tanh on Gaussian inputs: no gradient element is exactly zero (second-order unrolls stay finite).
+TEACHER = TaskConfig("teacher", "mlp", depth=2, width=16, activation="tanh", batch_size=32, horizon=100)
+CNN_BN = TaskConfig("digits", "cnn", depth=2, width=4, batchnorm=True, batch_size=16, horizon=100)
+
+
+def start(config: TaskConfig = TEACHER, rule=None) -> InnerRun:
+    rule = rule or fresh_rule()
+    return InnerRun.start(config, rule.config.features)
+
+
+def meta_grads(rule, run: InnerRun, length: int, first_order: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    meta_loss, _ = run.unroll(rule, length, first_order)
+    return meta_loss, list(torch.autograd.grad(meta_loss, list(rule.parameters())))
+
+
+@pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
+def test_meta_gradient_reaches_every_rule_parameter(first_order):
+    rule = open_rule(std=0.1)
+    meta_loss, grads = meta_grads(rule, start(TEACHER, rule), 3, first_order)
+    assert torch.isfinite(meta_loss)
+    for (name, _), g in zip(rule.named_parameters(), grads):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+
+def test_first_and_second_order_give_different_meta_gradients():
+    rule = open_rule(std=0.1)
+    loss1, first = meta_grads(rule, start(TEACHER, rule), 3, first_order=True)
+    loss2, second = meta_grads(rule, start(TEACHER, rule), 3, first_order=False)
+    torch.testing.assert_close(loss1, loss2)  # the same unroll forward
+    flat1, flat2 = torch.cat([g.flatten() for g in first]), torch.cat([g.flatten() for g in second])
+    assert not torch.allclose(flat1, flat2, rtol=1e-3, atol=0)
+
+
+def test_meta_loss_is_mean_log_inner_loss_of_the_unroll():
+    rule = fresh_rule()
+    run = start(TEACHER, rule)
+    meta_loss, info = run.unroll(rule, 4, first_order=True)
+    assert info["steps"] == 4 and info["losses"].shape == (4,) and run.step == 4
+    torch.testing.assert_close(meta_loss, torch.log(info["losses"] + 1e-8).mean())
+    assert run.loss == info["losses"][-1]
+
+
+@pytest.mark.parametrize("config", [TEACHER, CNN_BN], ids=["mlp", "cnn-batchnorm"])
+def test_carry_over_is_detached_and_continues_the_same_trajectory(config):
+    rule = open_rule(std=0.1)
+    split, whole = start(config, rule), start(config, rule)
+    first, _ = split.unroll(rule, 2, first_order=False)
+    first.backward()  # frees the first truncation's graph
+    carried = [*split.params, *split.grads, *split.buffers.values(), *(v for s in split.states for v in s.values())]
+    assert all(not t.requires_grad and t.grad_fn is None for t in carried)
+    second, _ = split.unroll(rule, 3, first_order=False)
+    second.backward()  # would raise if any graph reached back into the first truncation
+    whole.unroll(rule, 5, first_order=False)
+    for a, b in zip(split.params, whole.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert split.step == whole.step == 5
+
+
+def test_unroll_stops_at_the_horizon():
+    rule = fresh_rule()
+    run = start(TaskConfig("iris", "mlp", depth=1, width=16, horizon=5), rule)
+    assert run.unroll(rule, 3, True)[1]["steps"] == 3 and not run.done
+    assert run.unroll(rule, 3, True)[1]["steps"] == 2 and run.done
+    with pytest.raises(RuntimeError, match="done"):
+        run.unroll(rule, 3, True)
+
+
+def test_state_dict_round_trip_continues_exactly():
+    rule = open_rule(std=0.1)
+    run = start(CNN_BN, rule)
+    run.unroll(rule, 2, first_order=True)
+    copy = InnerRun.from_state_dict(run.state_dict())
+    a, _ = run.unroll(rule, 3, first_order=True)
+    b, _ = copy.unroll(rule, 3, first_order=True)
+    assert torch.equal(a, b)
+    for x, y in zip(run.params, copy.params):
+        assert torch.equal(x, y)
+
+
+def test_graph_of_a_truncation_is_freed_by_the_next():
+    """Every tensor an unroll's graph saved dies once its meta-gradient is taken and the loss dropped."""
+    rule = open_rule(std=0.1)
+    run = start(CNN_BN, rule)
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        meta_loss, _ = run.unroll(rule, 3, first_order=False)
+    torch.autograd.grad(meta_loss, list(rule.parameters()))
+    del meta_loss
+    for _ in range(3):
+        loss, _ = run.unroll(rule, 3, first_order=False)
+        torch.autograd.grad(loss, list(rule.parameters()))
+    gc.collect()
+    alive = [r for r in saved if r() is not None and not any(r() is p for p in rule.parameters())]
+    assert len(saved) > 100 and not alive
+
+
+def test_live_tensors_stay_flat_over_30_truncations():
+    rule = open_rule(std=0.1)
+    run = start(TEACHER, rule)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(type(o) is torch.Tensor or type(o) is torch.nn.Parameter for o in gc.get_objects())
+
+    counts = []
+    for i in range(30):
+        loss, _ = run.unroll(rule, 2, first_order=False)
+        torch.autograd.grad(loss, list(rule.parameters()))
+        del loss
+        if i in (4, 29):
+            counts.append(live_tensors())
+    assert counts[1] <= counts[0]
+
+
+def test_second_order_meta_gradient_is_finite_where_gradients_are_exactly_zero():
+    rule = open_rule(std=0.1)
+    run = start(TaskConfig("digits", "mlp", depth=2, width=16, batch_size=32, horizon=100), rule)
+    assert any((g == 0).any() for g in run.grads)
+    _, grads = meta_grads(rule, run, 2, first_order=False)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,179 @@
+"""The learned update rule: Adam at initialisation, and checkpoints that fail loudly."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from nfopt.io import CheckpointError, load_checkpoint, save_checkpoint
+from nfopt.optim.features import init_state
+from nfopt.optim.rule import LearnedUpdate, UpdateConfig
+from nfopt.weight_space import WeightSpaceSpec
+
+from ..rules import fresh_rule, open_rule
+from ..weight_spaces import mlp_spec, monomial_mlp_spec
+
+
+def test_fresh_rule_steps_like_adam():
+    torch.manual_seed(0)
+    rule = LearnedUpdate().double()
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    ref = [p.clone().requires_grad_() for p in params]
+    adam = torch.optim.Adam(ref, lr=1e-3)
+    spec = WeightSpaceSpec.independent(params)
+    states = [init_state(p, rule.config.features) for p in params]
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in params]
+        params, states, _ = rule(spec, params, grads, states)
+        for r, g in zip(ref, grads):
+            r.grad = g
+        adam.step()
+    for p, r in zip(params, ref):
+        assert torch.allclose(p, r, rtol=0, atol=1e-10)
+
+
+def test_meta_gradient_reaches_every_weight():
+    torch.manual_seed(0)
+    rule = LearnedUpdate().double()
+    for p in rule.nfn.layers[-1].parameters():  # open the closed last layer
+        torch.nn.init.normal_(p, std=0.1)
+    spec = mlp_spec([3, 4, 2])
+    params = [torch.randn(t.shape, dtype=torch.float64) for t in spec.tensors]
+    states = [init_state(p, rule.config.features) for p in params]
+    for _ in range(3):
+        params, states, _ = rule(spec, params, [torch.randn_like(p) for p in params], states)
+    sum(p.square().sum() for p in params).backward()
+    for name, w in rule.named_parameters():
+        assert w.grad is not None and w.grad.abs().sum() > 0, name
+
+
+def save_fresh(path, **cfg):
+    torch.manual_seed(0)
+    rule = LearnedUpdate(UpdateConfig(**cfg))
+    rule.save(path, provenance={"seed": 0})
+    return rule
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "r.nfopt"
+    rule = save_fresh(path, hidden_channels=5, n_layers=3, activation="gelu")
+    back = LearnedUpdate.load(path)
+    assert back.config == rule.config
+    assert back.provenance == {"seed": 0}
+    for (k, a), (_, b) in zip(rule.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def rewrite(path, mutate_tensors=None, mutate_meta=None):
+    tensors, meta = load_checkpoint(path)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    save_checkpoint(path, tensors, meta)
+
+
+@pytest.mark.parametrize(
+    "mutate_tensors,mutate_meta,reason",
+    [
+        (lambda t: t.pop("log_beta"), None, "missing"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), None, "unexpected"),
+        (lambda t: t.__setitem__("log_alpha", torch.zeros(2)), None, "shape"),
+        (lambda t: t.__setitem__("log_alpha", torch.tensor(float("nan"))), None, "non-finite"),
+        (None, lambda m: m["config"].__setitem__("hidden_channels", 9), "do not match|shape"),
+        (None, lambda m: m.__setitem__("kind", "something else"), "not a learned-update"),
+        (None, lambda m: m["config"].__setitem__("activation", "swish"), "config cannot be read"),
+        (None, lambda m: m.pop("config"), "config cannot be read"),
+    ],
+)
+def test_mismatched_checkpoint_names_file_and_reason(tmp_path, mutate_tensors, mutate_meta, reason):
+    path = tmp_path / "bad.nfopt"
+    save_fresh(path)
+    rewrite(path, mutate_tensors, mutate_meta)
+    with pytest.raises(CheckpointError, match=reason) as e:
+        LearnedUpdate.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_and_future_files_fail_loudly(tmp_path):
+    path = tmp_path / "r.nfopt"
+    save_fresh(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        LearnedUpdate.load(path)
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"]["format_version"] = "99"
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+    with pytest.raises(CheckpointError, match="newer"):
+        LearnedUpdate.load(path)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="positive"):
+        UpdateConfig(alpha=0.0)
+
+
+def test_a_step_strays_from_adam_by_a_bounded_amount():
+    """However large the NFN's outputs, |Δ - Δ_adam·scale| stays within α·B·e^L per element."""
+    rule = LearnedUpdate().double()
+    with torch.no_grad():
+        rule.nfn.layers[-1].bias.fill_(1e6)  # drive both output channels far out
+    cfg = rule.config
+    p = torch.randn(5, 4, dtype=torch.float64)
+    state = init_state(p, cfg.features)
+    (new,), (state,), _ = rule(WeightSpaceSpec.independent([p]), [p], [torch.randn_like(p)], [state])
+    step = (p - new).abs()
+    u_max = 1 / (1 - cfg.features.momentum_decays[cfg.features.adam_momentum])  # |m̂/sqrt(v̂)| at step 1
+    assert step.max() <= cfg.alpha * (u_max + cfg.max_deviation) * torch.exp(torch.tensor(cfg.max_log_scale)) + 1e-12
+    assert step.min() > cfg.alpha  # and the outputs did act: larger than Adam's first step (α)
+
+
+def _flip_run(rule, spec, run_spec, element, steps=4):
+    """Params after ``steps`` updates from flipped inputs, and the flipped params of the plain run."""
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.space.tensors]
+    grads = [[torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.space.tensors] for _ in range(steps)]
+    flipped = spec.act(params, element)
+    states = [init_state(p, rule.config.features) for p in params]
+    flipped_states = [init_state(p, rule.config.features) for p in params]
+    for gs in grads:
+        params, states, _ = rule(run_spec, params, gs, states)
+        flipped, flipped_states, _ = rule(run_spec, flipped, spec.act(gs, element), flipped_states)
+    return flipped, spec.act(params, element)
+
+
+def test_rule_is_equivariant_to_sign_flips_given_a_monomial_spec():
+    """Flipping hidden neurons of a tanh MLP flips its trajectory under the rule, as under Adam;
+    the same rule given only the permutation spec does not commute with flips."""
+    spec = monomial_mlp_spec([3, 5, 4, 2], "sign")
+    rule = open_rule(sign_flips=True).double()
+    element = spec.random_element(torch.Generator().manual_seed(1))
+    lhs, rhs = _flip_run(rule, spec, spec, element)
+    assert max((a - b).abs().max().item() for a, b in zip(lhs, rhs)) < 1e-12
+    lhs, rhs = _flip_run(rule, spec, spec.space, element)
+    assert max((a - b).abs().max().item() for a, b in zip(lhs, rhs)) > 1e-6
+
+
+def test_a_rule_trained_without_sign_flips_ignores_them():
+    spec = monomial_mlp_spec([3, 5, 2], "sign")
+    rule = open_rule().double()
+    params = [torch.randn(t.shape, dtype=torch.float64) for t in spec.space.tensors]
+    grads = [torch.randn_like(p) for p in params]
+    states = [init_state(p, rule.config.features) for p in params]
+    for a, b in zip(rule(spec, params, grads, states)[0], rule(spec.space, params, grads, states)[0]):
+        assert torch.equal(a, b)
+
+
+def test_rule_refuses_scalings():
+    spec = monomial_mlp_spec([3, 5, 2], "scale")
+    rule = fresh_rule(sign_flips=True).double()
+    params = [torch.randn(t.shape, dtype=torch.float64) for t in spec.space.tensors]
+    states = [init_state(p, rule.config.features) for p in params]
+    with pytest.raises(ValueError, match="admit scalings"):
+        rule(spec, params, params, states)
