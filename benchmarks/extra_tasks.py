@@ -4,7 +4,7 @@ Meta-training sees plain MLPs and CNNs (``meta_train.task_models``). These tasks
 learned optimizer transfers to structures it has never stepped:
 
 - ``residual_mlp``: a deep pre-LayerNorm residual MLP (6 blocks) on digits: skip connections tie
-  the neurons of every block together, and LayerNorm's gain and bias are new kinds of tensor.
+  the neurons of every block together, and LayerNorm's gain and bias are parameters it never saw.
 - ``char_transformer``: a 2-layer causal transformer encoder (d_model 32) predicting the next
   character of text made from the docstrings of a few standard-library modules, so it needs no
   download (the text is that of the running Python's standard library).
@@ -49,19 +49,19 @@ D_MODEL, N_HEADS, FEEDFORWARD, N_LAYERS = 32, 4, 64, 2
 class ExtraTaskConfig:
     """A task outside the meta-training distribution; the fields the benchmark reads from any task config.
 
-    ``kind`` is one of :data:`KINDS`. ``seed`` seeds initialisation and batches, as in
+    ``arch`` is one of :data:`ARCHITECTURES`. ``seed`` seeds initialisation and batches, as in
     :class:`meta_train.tasks.TaskConfig`.
     """
 
     name: str
-    kind: str
+    arch: str
     horizon: int = 500
     batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown extra task kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown extra task architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.horizon < 1 or self.batch_size < 1 or self.seed < 0:
             raise ValueError(f"horizon and batch_size must be >= 1 and seed >= 0, got {self}")
 
@@ -155,19 +155,19 @@ def _digits() -> Dataset:
     return load_dataset("digits")
 
 
-KINDS: dict[str, tuple[Callable[[], Dataset], Callable[[Dataset], nn.Module]]] = {
+ARCHITECTURES: dict[str, tuple[Callable[[], Dataset], Callable[[Dataset], nn.Module]]] = {
     "residual_mlp": (_digits, lambda d: residual_mlp(d.input_shape, d.n_outputs)),
     "char_transformer": (char_dataset, lambda d: CharTransformer(d.n_outputs)),
 }
-"""Each kind's dataset and model builder."""
+"""Each architecture's dataset and model builder."""
 
 
 class ExtraTask(Task):
-    """A :class:`Task` whose dataset and model come from :data:`KINDS` instead of a ``TaskConfig``."""
+    """A :class:`Task` whose dataset and model come from :data:`ARCHITECTURES` instead of a ``TaskConfig``."""
 
     def __init__(self, config: ExtraTaskConfig) -> None:
         self.config = config  # type: ignore[assignment]
-        load, build = KINDS[config.kind]
+        load, build = ARCHITECTURES[config.arch]
         self.dataset = load()
         self._build = lambda: build(self.dataset)
         with torch.random.fork_rng(devices=()):

@@ -77,14 +77,14 @@ def _orbits(spec: MonomialSpec, positions: list[tuple[object, int]]) -> int:
         by_set.setdefault(label, []).append(e)
     total = 1
     for label, exps in by_set.items():
-        kind, size = spec.symmetry(label), spec.space.set_sizes[label]
+        symmetry, size = spec.symmetry(label), spec.space.set_sizes[label]
         ok = 0
         for blocks in _partitions(exps):
             if len(blocks) > size:
                 continue
-            if kind == "sign" and any(len(b) % 2 for b in blocks):
+            if symmetry == "sign" and any(len(b) % 2 for b in blocks):
                 continue
-            if kind == "scale" and any(sum(b) != 0 for b in blocks):
+            if symmetry == "scale" and any(sum(b) != 0 for b in blocks):
                 continue
             ok += 1
         total *= ok

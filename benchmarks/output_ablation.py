@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nfopt.io import load_rule, save_rule
 from nfopt.optim.rule import LearnedUpdate
 
 from .report import save_experiment
@@ -45,13 +46,13 @@ def without(rule: LearnedUpdate, output: str) -> LearnedUpdate:
 
 def ablate(ckpt: str, tasks: Sequence[str], seeds: int) -> list[dict]:
     """Per task and variant, the full training loss at the horizon and at twice it, per seed."""
-    rule = LearnedUpdate.load(ckpt)
+    rule = load_rule(ckpt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"as trained": ckpt}
         for output in OUTPUTS:
             paths[f"without {output}"] = str(Path(tmp) / f"without_{output}.nfopt")
-            without(rule, output).save(paths[f"without {output}"], rule.provenance)
+            save_rule(without(rule, output), paths[f"without {output}"], rule.provenance)
         for name in tasks:
             task = ALL_TASKS[name]
             for variant, path in paths.items():

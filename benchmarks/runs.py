@@ -43,27 +43,27 @@ SMOOTHING_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """An optimizer to build for a model: ``kind`` is ``"nfn"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
+    """An optimizer to build for a model: ``algorithm`` is ``"nfn"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
 
     ``lr`` is the learning rate of Adam and SGD (unused by the NFN, which steps as meta-trained);
     ``ckpt`` is the NFN's checkpoint, ``None`` for the one shipped in the package.
     """
 
-    kind: str
+    algorithm: str
     lr: float | None = None
     ckpt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("nfn", "adam", "sgd"):
-            raise ValueError(f"unknown optimizer kind {self.kind!r}; expected 'nfn', 'adam' or 'sgd'")
-        if (self.kind == "nfn") != (self.lr is None):
+        if self.algorithm not in ("nfn", "adam", "sgd"):
+            raise ValueError(f"unknown optimizer algorithm {self.algorithm!r}; expected 'nfn', 'adam' or 'sgd'")
+        if (self.algorithm == "nfn") != (self.lr is None):
             raise ValueError(f"adam and sgd need a learning rate and the NFN takes none, got {self}")
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer for ``model``'s parameters; the NFN is told the model's structure."""
-        if self.kind == "nfn":
+        if self.algorithm == "nfn":
             return NFNOptimizer.for_model(model, ckpt=self.ckpt)
-        if self.kind == "adam":
+        if self.algorithm == "adam":
             return torch.optim.Adam(model.parameters(), lr=self.lr)
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=SGD_MOMENTUM)
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from meta_train.tasks import HELD_OUT, Task
-from nfopt.optim.rule import LearnedUpdate
+from nfopt.io import load_rule
 from nfopt.optim.optimizer import default_checkpoint_path
 
 from . import metrics
@@ -48,8 +48,6 @@ DEFAULT_ABLATION_CKPT = Path(__file__).parent / "checkpoints" / "per_element.nfo
 ALL_TASKS: dict[str, TaskSpec] = {t.name: t for t in (*HELD_OUT, *EXTRA_TASKS)}
 QUICK_TASKS = ("mlp_digits_w40_tanh", "cnn_digits_c12_tanh", "resmlp6_ln_digits", "transformer_chars")
 
-OPTIMIZERS = ("nfn", "adam_1e-3", "adam_tuned", "sgd_tuned", "per_element")
-"""Result keys of the compared optimizers."""
 COST_KEY = {"nfn": "nfn", "adam_1e-3": "adam", "adam_tuned": "adam", "sgd_tuned": "sgd", "per_element": "per_element"}
 """Which timed optimizer each compared one costs the same as (Adam's cost does not depend on its rate)."""
 
@@ -85,6 +83,11 @@ class SuiteConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"tasks must be non-empty with distinct names, got {names}")
 
+    @property
+    def grids(self) -> dict[str, tuple[float, ...]]:
+        """The learning-rate grid of each algorithm that is tuned per task."""
+        return {"adam": self.adam_grid, "sgd": self.sgd_grid}
+
 
 def quick_config(**overrides: Any) -> SuiteConfig:
     """A smoke-test configuration: 4 tasks, 2 seeds, horizon 80, 3-point grids, short timing."""
@@ -115,7 +118,7 @@ def checkpoint_info(path: Path, *, per_element: bool) -> dict[str, Any]:
     """
     if per_element and not path.exists():
         return {"path": _shown(path), "missing": True}
-    rule = LearnedUpdate.load(path)
+    rule = load_rule(path)
     if rule.config.pooled == per_element:
         want = "a per-element rule (pooled=False)" if per_element else "a pooled NFN rule"
         raise ValueError(f"{path}: expected {want}, the checkpoint has pooled={rule.config.pooled}")
@@ -136,16 +139,16 @@ def _over_seeds(task: TaskSpec, optimizer: OptimizerSpec, steps: int, seeds: int
     return [RunSpec(task, seed, optimizer, steps) for seed in range(seeds)]
 
 
-def _grid_key(kind: str, lr: float) -> str:
-    return f"{kind}@{lr:g}"
+def _grid_key(algorithm: str, lr: float) -> str:
+    return f"{algorithm}@{lr:g}"
 
 
 def _first_plan(task: TaskSpec, config: SuiteConfig, ablation: OptimizerSpec | None) -> Plan:
     horizon, seeds = task.horizon, config.seeds
     plan = {"nfn": _over_seeds(task, OptimizerSpec("nfn", ckpt=config.ckpt), horizon * config.long_factor, seeds)}
-    for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid)):
+    for algorithm, grid in config.grids.items():
         for lr in grid:
-            plan[_grid_key(kind, lr)] = _over_seeds(task, OptimizerSpec(kind, lr), horizon, seeds)
+            plan[_grid_key(algorithm, lr)] = _over_seeds(task, OptimizerSpec(algorithm, lr), horizon, seeds)
     if ablation is not None:
         plan["per_element"] = _over_seeds(task, ablation, horizon, seeds)
     return plan
@@ -158,8 +161,8 @@ def _run_plans(plans: Sequence[Plan], pool: Executor | None, progress: tqdm) -> 
     return [{name: [next(records) for _ in group] for name, group in plan.items()} for plan in plans]
 
 
-def _tuned_lr(runs: Mapping[str, list[dict[str, Any]]], kind: str, grid: Sequence[float]) -> float:
-    return metrics.select_lr({lr: [r["at_horizon"]["train_loss"] for r in runs[_grid_key(kind, lr)]] for lr in grid})
+def _tuned_lr(runs: Mapping[str, list[dict[str, Any]]], algorithm: str, grid: Sequence[float]) -> float:
+    return metrics.select_lr({lr: [r["at_horizon"]["train_loss"] for r in runs[_grid_key(algorithm, lr)]] for lr in grid})
 
 
 def _train_step(task: Task, optimizer: torch.optim.Optimizer, module: torch.nn.Module, batch: tuple) -> Callable[[], None]:
@@ -232,7 +235,7 @@ def _task_result(
     ablation: Mapping[str, Any],
 ) -> dict[str, Any]:
     check_same_start(runs)
-    tuned = {kind: _tuned_lr(runs, kind, grid) for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid))}
+    tuned = {algorithm: _tuned_lr(runs, algorithm, grid) for algorithm, grid in config.grids.items()}
     # name: (run group of the metrics at the horizon, run group of the longest curve, learning rate)
     compared = {
         "nfn": ("nfn", "nfn", None),
@@ -264,8 +267,11 @@ def _task_result(
         "parameters": parameters,
         "tuned_lr": tuned,
         "grid_final_loss_mean": {
-            kind: {f"{lr:g}": metrics.mean_loss([r["at_horizon"]["train_loss"] for r in runs[_grid_key(kind, lr)]]) for lr in grid}
-            for kind, grid in (("adam", config.adam_grid), ("sgd", config.sgd_grid))
+            algorithm: {
+                f"{lr:g}": metrics.mean_loss([r["at_horizon"]["train_loss"] for r in runs[_grid_key(algorithm, lr)]])
+                for lr in grid
+            }
+            for algorithm, grid in config.grids.items()
         },
         "optimizers": optimizers,
         "speedup_vs_adam_tuned": speedups,

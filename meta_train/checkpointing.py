@@ -50,10 +50,10 @@ def set_global_seeds(seed: int) -> None:
 def rng_states() -> dict[str, Any]:
     """The global RNG states of python, numpy and torch (CPU), as tensors and lists."""
     version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    bit_generator, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": [version, list(state), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "numpy": [bit_generator, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
 
@@ -62,6 +62,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     """Restore what :func:`rng_states` returned."""
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    bit_generator, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from nfopt.io import save_rule
+
 from . import checkpointing
 from .distributed import init_from_env, shutdown
 from .monitor import Monitor
@@ -108,7 +110,7 @@ def run(config: MetaConfig, resume: bool = False, command: str = "") -> dict[str
             "command": command,
             "git_commit": git_commit(),
         }
-        trainer.rule.save(config.out, provenance=provenance)
+        save_rule(trainer.rule, config.out, provenance=provenance)
         return provenance
     finally:
         shutdown(group)

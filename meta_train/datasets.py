@@ -56,11 +56,6 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    @property
-    def is_image(self) -> bool:
-        """Whether inputs are ``(channels, height, width)`` images that a CNN can read."""
-        return len(self.input_shape) == 3
-
 
 @dataclass(frozen=True)
 class _Arrays:
@@ -145,7 +140,7 @@ _BUILDERS: dict[str, Callable[[int], _Arrays]] = {
 DATASETS: tuple[str, ...] = tuple(_BUILDERS)
 """Names accepted by :func:`load_dataset`."""
 IMAGE_DATASETS: tuple[str, ...] = ("digits",)
-"""Datasets whose inputs are ``(C, H, W)`` images (``Dataset.is_image``), the ones a CNN reads."""
+"""Datasets whose inputs are ``(C, H, W)`` images, the ones a CNN reads."""
 
 
 def check_dataset_name(name: str) -> None:

@@ -46,14 +46,6 @@ class Group:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def broadcast_from_main(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init_from_env(device: str) -> tuple[Group, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment, if it has more than one rank.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from nfopt.io import save_rule
 from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=str, default="{}", help="UpdateConfig fields as JSON")
     args = ap.parse_args(argv)
     config = UpdateConfig(**json.loads(args.config))
-    init_rule(config, args.seed).save(
+    save_rule(
+        init_rule(config, args.seed),
         args.out,
         provenance={"meta_trained": False, "seed": args.seed, "note": "initialisation: steps exactly as Adam(lr=alpha)"},
     )

@@ -70,5 +70,5 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *_exc_info: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()

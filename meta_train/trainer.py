@@ -85,12 +85,12 @@ class MetaConfig:
                 object.__setattr__(self, "rule", UpdateConfig(**self.rule))
             except TypeError as e:
                 raise ValueError(f"rule: {e}") from e
-        for name, kind in _field_types(MetaConfig).items():
+        for name, field_type in _field_types(MetaConfig).items():
             value = getattr(self, name)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            if field_type is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}")
+            elif not isinstance(value, field_type) or (field_type is int and isinstance(value, bool)):
+                raise ValueError(f"{name} must be a {field_type.__name__}, got {value!r}")
         positive = ("meta_steps", "tasks_per_step", "unroll_length", "horizon_min", "checkpoint_every", "log_every",
                     "threads")
         for name in positive:
@@ -139,7 +139,7 @@ class MetaConfig:
 
 def _field_types(cls: type) -> dict[str, Any]:
     """Each field of a config dataclass and its type."""
-    return {name: kind for name, kind in typing.get_type_hints(cls).items() if not name.startswith("_")}
+    return {name: field_type for name, field_type in typing.get_type_hints(cls).items() if not name.startswith("_")}
 
 
 def _assign(obj: Any, path: list[str], text: str, key: str) -> Any:
@@ -147,25 +147,27 @@ def _assign(obj: Any, path: list[str], text: str, key: str) -> Any:
     types = _field_types(type(obj))
     if path[0] not in types:
         raise ValueError(f"unknown config field {key!r}")
-    kind = types[path[0]]
+    field_type = types[path[0]]
     if len(path) > 1:
-        if not dataclasses.is_dataclass(kind):
+        if not dataclasses.is_dataclass(field_type):
             raise ValueError(f"config field {key!r}: {path[0]} has no fields")
         value = _assign(getattr(obj, path[0]), path[1:], text, key)
     else:
-        value = _parse(kind, text, key)
+        value = _parse(field_type, text, key)
     return dataclasses.replace(obj, **{path[0]: value})
 
 
-def _parse(kind: Any, text: str, key: str) -> Any:
-    if kind is bool:
+def _parse(field_type: Any, text: str, key: str) -> Any:
+    """``text`` as a value of ``field_type``: int, float and str by their constructors, bool as
+    true/false/1/0, anything else as JSON."""
+    if field_type is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{key} takes true or false, got {text!r}")
         return text.lower() in ("true", "1")
     try:
-        return kind(text) if kind in (int, float, str) else json.loads(text)
+        return field_type(text) if field_type in (int, float, str) else json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{key} takes a {getattr(kind, '__name__', kind)}, got {text!r}") from e
+        raise ValueError(f"{key} takes a {getattr(field_type, '__name__', field_type)}, got {text!r}") from e
 
 
 class MetaTrainer:

@@ -1,23 +1,36 @@
-"""Checkpoint files: round trips, safetensors interoperability, corruption, atomicity, no pickle."""
+"""Checkpoint files: round trips, safetensors interoperability, corruption, atomicity, no pickle,
+and the learned rule stored in them."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
-from nfopt import io
 from nfopt.io import (
     FORMAT_VERSION,
+    RULE_CONTENT,
     CheckpointError,
     load_checkpoint,
+    load_rule,
     read_metadata,
     save_checkpoint,
+    save_rule,
 )
+from nfopt.optim.optimizer import default_checkpoint_path
+from nfopt.optim.rule import LearnedUpdate, UpdateConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METADATA = {
     "features": ["grad", "momentum", "adam"],
@@ -120,46 +133,39 @@ def test_loaded_tensors_own_exactly_their_memory(ckpt):
     assert torch.equal(tensors["f32"], sample_tensors()["f32"] + 1.0)
 
 
+def test_loaded_tensors_survive_the_file_being_rewritten_in_place(ckpt):
+    """Tensors that still mapped the file would crash (SIGBUS) once it is truncated in place, so
+    this runs in a child process."""
+    script = (
+        "import sys, torch; from nfopt.io import load_checkpoint\n"
+        "tensors, _ = load_checkpoint(sys.argv[1])\n"
+        "open(sys.argv[1], 'wb').close()\n"
+        "print(float(tensors['f32'].sum()), float(tensors['f64'].sum()))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script, ckpt], capture_output=True, text=True, cwd=ROOT)
+    assert child.returncode == 0, child.stderr
+    expected = sample_tensors()
+    assert child.stdout.split() == [str(float(expected["f32"].sum())), str(float(expected["f64"].sum()))]
+
+
 def test_map_location_moves_tensors(ckpt):
     tensors, _ = load_checkpoint(ckpt, map_location=torch.device("meta"))
     assert all(t.device.type == "meta" for t in tensors.values())
     assert tensors["bf16"].dtype == torch.bfloat16 and tensors["bf16"].shape == (2, 3)
 
 
-def test_equal_inputs_give_identical_files(tmp_path):
-    a, b = tmp_path / "a.nfopt", tmp_path / "b.nfopt"
-    save_checkpoint(a, sample_tensors(), METADATA)
-    save_checkpoint(b, dict(reversed(sample_tensors().items())), dict(reversed(METADATA.items())))
-    assert a.read_bytes() == b.read_bytes()
-
-
-def test_tensor_data_is_aligned_and_little_endian(tmp_path):
-    path = tmp_path / "a.nfopt"
-    save_checkpoint(path, {"a": torch.tensor([1], dtype=torch.int8), "b": torch.tensor([1.0])}, {})
-    raw = path.read_bytes()
-    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
-    assert data_start % 8 == 0
-    assert raw[data_start:] == struct.pack("<f", 1.0) + b"\x01"  # wider element first
-
-
-def test_big_endian_hosts_swap_bytes_symmetrically(tmp_path, monkeypatch):
-    little, big = tmp_path / "little.nfopt", tmp_path / "big.nfopt"
-    tensors = sample_tensors()
-    save_checkpoint(little, tensors, {})
-    monkeypatch.setattr(io, "_LITTLE_ENDIAN_HOST", False)
-    save_checkpoint(big, tensors, {})
-    # The in-memory bytes here are little-endian, so "converting" them for a big-endian host
-    # makes the file differ; reading under the same assumption must undo it exactly.
-    assert little.read_bytes() != big.read_bytes()
-    assert_same(load_checkpoint(big)[0], tensors)
-    f64 = load_checkpoint(little)[0]["f64"]
-    assert not torch.equal(f64, tensors["f64"])
+def test_tensors_sharing_memory_are_stored_separately(tmp_path):
+    tied = torch.arange(6.0)
+    path = tmp_path / "tied.nfopt"
+    save_checkpoint(path, {"a": tied, "b": tied, "head": tied[:2]}, {})
+    tensors, _ = load_checkpoint(path)
+    assert_same(tensors, {"a": tied, "b": tied, "head": tied[:2]})
 
 
 @pytest.mark.parametrize(
     "tensors, metadata, error",
     [
-        ({"x": torch.zeros(2, dtype=torch.complex64)}, {}, TypeError),
+        ({"x": torch.zeros(2, dtype=torch.complex128)}, {}, TypeError),
         ({"x": torch.zeros(2).to_sparse()}, {}, TypeError),
         ({"x": [1.0, 2.0]}, {}, TypeError),
         ({"__metadata__": torch.zeros(1)}, {}, ValueError),
@@ -178,9 +184,7 @@ def test_unstorable_inputs_are_rejected_before_touching_disk(tmp_path, tensors, 
 
 
 def test_reference_reader_loads_our_files(ckpt):
-    safetensors = pytest.importorskip("safetensors")
-    st_torch = pytest.importorskip("safetensors.torch")
-    assert_same(st_torch.load_file(ckpt), sample_tensors())
+    assert_same(safetensors.torch.load_file(ckpt), sample_tensors())
     with safetensors.safe_open(ckpt, framework="pt") as f:
         metadata = f.metadata()
     assert metadata["format_version"] == str(FORMAT_VERSION)
@@ -188,10 +192,9 @@ def test_reference_reader_loads_our_files(ckpt):
 
 
 def test_we_load_files_from_the_reference_writer(tmp_path):
-    st_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "ref.safetensors"
     tensors = sample_tensors()
-    st_torch.save_file(
+    safetensors.torch.save_file(
         tensors, str(path), metadata={"format_version": "1", "nfopt": json.dumps(METADATA)}
     )
     loaded, metadata = load_checkpoint(path)
@@ -200,9 +203,8 @@ def test_we_load_files_from_the_reference_writer(tmp_path):
 
 
 def test_plain_safetensors_file_is_not_an_nfopt_checkpoint(tmp_path):
-    st_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "plain.safetensors"
-    st_torch.save_file({"w": torch.ones(2)}, str(path))
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path))
     with pytest.raises(CheckpointError) as excinfo:
         load_checkpoint(path)
     assert_error(excinfo, path, "__metadata__", "not an nfopt checkpoint")
@@ -232,61 +234,60 @@ def test_trailing_bytes_are_detected(ckpt, reader):
         f.write(b"\0" * 3)
     with pytest.raises(CheckpointError) as excinfo:
         reader(ckpt)
-    assert_error(excinfo, ckpt, "3 unexpected bytes after the tensor data")
+    assert_error(excinfo, ckpt, "bytes appended after the tensor data")
 
+
+INVALID = "not a valid safetensors file"
 
 BAD_HEADERS = {
     "no metadata": ({"w": entry("U8", [2], [0, 2])}, "no '__metadata__'"),
     "metadata not strings": (
         {"__metadata__": {"format_version": 1, "nfopt": "{}"}},
-        "not a JSON object of strings",
+        INVALID, "expected a string",
     ),
     "missing version": ({"__metadata__": {"nfopt": "{}"}}, "no 'format_version'"),
     "missing nfopt": ({"__metadata__": {"format_version": "1"}}, "no 'nfopt'"),
-    "non-integer version": (nfopt_header(version="one"), "format_version 'one' is not"),
-    "version zero": (nfopt_header(version="0"), "unsupported format_version 0"),
-    "future version": (nfopt_header(version=str(FORMAT_VERSION + 1)), "newer nfopt"),
+    "non-integer version": (nfopt_header(version="one"), "unsupported format_version 'one'"),
+    "version zero": (nfopt_header(version="0"), "unsupported format_version '0'"),
+    "future version": (nfopt_header(version=str(FORMAT_VERSION + 1)), "newer nfopt", "upgrade"),
     "nfopt not JSON": (
         {"__metadata__": {"format_version": "1", "nfopt": "{oops"}},
         "'nfopt' is not valid JSON",
     ),
     "nfopt not object": (
         {"__metadata__": {"format_version": "1", "nfopt": "[1]"}},
-        "JSON list, not a JSON object",
+        "JSON list, not an object",
     ),
-    "unknown dtype": (nfopt_header(w=entry("F8", [1], [0, 1])), "unknown dtype 'F8'"),
+    "unknown dtype": (nfopt_header(w=entry("F8", [1], [0, 1])), INVALID, "`F8`"),
     "offsets vs shape": (
         nfopt_header(w=entry("F32", [2, 3], [0, 20])),
-        "span 20 bytes, but shape [2, 3] of F32 needs 24",
+        INVALID, "invalid shape, data type, or offset",
     ),
-    "negative dim": (nfopt_header(w=entry("F32", [-1], [0, 0])), "non-negative"),
-    "bool dim": (nfopt_header(w=entry("U8", [True], [0, 1])), "non-negative"),
-    "bad offsets": (nfopt_header(w=entry("U8", [1], [0])), "not a pair"),
-    "missing key": (nfopt_header(w={"dtype": "U8", "shape": [1]}), "exactly the keys"),
+    "negative dim": (nfopt_header(w=entry("F32", [-1], [0, 0])), INVALID, "`-1`"),
+    "bool dim": (nfopt_header(w=entry("U8", [True], [0, 1])), INVALID, "boolean"),
+    "bad offsets": (nfopt_header(w=entry("U8", [1], [0])), INVALID, "invalid length 1"),
+    "missing key": (nfopt_header(w={"dtype": "U8", "shape": [1]}), INVALID, "`data_offsets`"),
     "overlap": (
         nfopt_header(a=entry("U8", [4], [0, 4]), b=entry("U8", [4], [2, 6])),
-        "'a' and 'b' overlap",
+        INVALID, "invalid offset for tensor `b`",
     ),
     "gap": (
         nfopt_header(a=entry("U8", [2], [0, 2]), b=entry("U8", [2], [4, 6])),
-        "bytes 2 to 4 of the data buffer belong to no tensor",
+        INVALID, "invalid offset for tensor `b`",
     ),
-    "offset past end": (
-        nfopt_header(w=entry("U8", [4], [0, 4])),
-        "truncated: the tensor data needs 4 bytes but only 2",
-    ),
+    "offset past end": (nfopt_header(w=entry("U8", [4], [0, 4])), INVALID, "file truncated"),
 }
 
 
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("case", sorted(BAD_HEADERS))
 def test_bad_headers_are_reported_with_reason(tmp_path, case, reader):
-    header, reason = BAD_HEADERS[case]
+    header, *reason = BAD_HEADERS[case]
     path = tmp_path / "bad.nfopt"
-    write_raw(path, header, data=b"\0\0")
+    write_raw(path, header, data=b"\0\0" if set(header) - {"__metadata__"} else b"")
     with pytest.raises(CheckpointError) as excinfo:
         reader(path)
-    assert_error(excinfo, path, reason)
+    assert_error(excinfo, path, *reason)
 
 
 def length_prefixed(header: bytes) -> bytes:
@@ -294,32 +295,48 @@ def length_prefixed(header: bytes) -> bytes:
 
 
 BAD_BYTES = {
-    "garbage header": (length_prefixed(b"\xff\xfe garbage \x80"), "header is not valid UTF-8"),
-    "non-JSON header": (length_prefixed(b"{not json}"), "header is not valid JSON"),
-    "header not an object": (length_prefixed(b"[1, 2]"), "header is a JSON list, not a JSON object"),
+    "garbage header": (length_prefixed(b"\xff\xfe garbage \x80"), "invalid UTF-8"),
+    "non-JSON header": (length_prefixed(b"{not json}"), "invalid JSON"),
+    "header not an object": (length_prefixed(b"[1, 2]"), "invalid JSON"),
     "duplicate key": (
         length_prefixed(b'{"__metadata__": {"format_version": "1", "nfopt": "{}"}, "__metadata__": {}}'),
-        "duplicate key '__metadata__'",
+        "duplicate field `__metadata__`",
     ),
-    "header longer than file": (
-        struct.pack("<Q", 1000) + b"{}",
-        "header length 1000 exceeds the 2 bytes",
-    ),
-    "absurd header length": (struct.pack("<Q", 2**40) + b"{}", "over the 100000000-byte limit"),
-    "shorter than length field": (b"\x02\x00\x00", "only 3 bytes"),
-    "empty file": (b"", "file is empty"),
+    "header longer than file": (struct.pack("<Q", 1000) + b"{}", "invalid header length", "truncated"),
+    "absurd header length": (struct.pack("<Q", 2**40) + b"{}", "header too large"),
+    "shorter than length field": (b"\x02\x00\x00", "header too small", "truncated"),
+    "empty file": (b"", "header too small"),
+    "random bytes": (random.Random(0).randbytes(4096), "header too large"),
 }
 
 
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("case", sorted(BAD_BYTES))
 def test_malformed_bytes_are_reported_with_reason(tmp_path, case, reader):
-    content, reason = BAD_BYTES[case]
+    content, *reason = BAD_BYTES[case]
     path = tmp_path / "bad.nfopt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as excinfo:
         reader(path)
-    assert_error(excinfo, path, reason)
+    assert_error(excinfo, path, INVALID, *reason)
+    assert "torch.save" not in str(excinfo.value)
+
+
+def test_corrupting_any_header_byte_raises_only_checkpoint_errors(ckpt, tmp_path):
+    """Whatever a flipped byte does to the header, the library's exceptions never escape raw."""
+    raw = open(ckpt, "rb").read()
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    rng = random.Random(0)
+    path = tmp_path / "flipped.nfopt"
+    failures = 0
+    for position in range(header_end):
+        path.write_bytes(raw[:position] + bytes([raw[position] ^ rng.randrange(1, 256)]) + raw[position + 1 :])
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            assert e.path == str(path) and e.reason
+            failures += 1
+    assert failures > header_end // 2  # most flips break the header, and each one said so
 
 
 @pytest.mark.parametrize("zipfile_format", [True, False])
@@ -329,7 +346,7 @@ def test_torch_save_files_are_refused_without_unpickling(tmp_path, monkeypatch, 
     forbid_unpickling(monkeypatch)
     with pytest.raises(CheckpointError) as excinfo:
         load_checkpoint(path)
-    assert_error(excinfo, path, "torch.save/pickle file", "never unpickled")
+    assert_error(excinfo, path, "looks like a torch.save file", "not supported", "unpickles")
 
 
 def test_invalid_bool_bytes_are_detected(tmp_path):
@@ -381,27 +398,22 @@ def test_failed_write_leaves_old_file_and_no_temporary(ckpt, tmp_path, monkeypat
     assert load_checkpoint(ckpt)[1] == METADATA
 
 
-def test_interrupted_tensor_write_leaves_old_file_and_no_temporary(ckpt, tmp_path, monkeypatch):
+def test_interrupted_save_leaves_old_file_and_no_temporary(ckpt, tmp_path, monkeypatch):
+    """Interrupted (Ctrl-C) once the new file is written in full under its temporary name."""
     before = open(ckpt, "rb").read()
-    real_numpy = torch.Tensor.numpy
-    written = []
+    real_fsync = os.fsync
+    seen = []
 
-    class Interrupted(Exception):
-        pass
+    def fsync_then_interrupt(fd):
+        real_fsync(fd)
+        seen.extend(sorted(os.listdir(tmp_path)))
+        raise KeyboardInterrupt
 
-    def numpy_then_interrupt(self, *args, **kwargs):
-        # The writer hands each tensor's bytes to the file through .numpy(); the second one fails,
-        # after the header and the first tensor have gone into the temporary file.
-        if written:
-            raise Interrupted
-        written.append(self)
-        return real_numpy(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "numpy", numpy_then_interrupt)
-    with pytest.raises(Interrupted):
+    monkeypatch.setattr(os, "fsync", fsync_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
         save_checkpoint(ckpt, sample_tensors(), {"new": True})
     monkeypatch.undo()
-    assert len(written) == 1
+    assert len(seen) == 2 and seen[0].startswith(".model.nfopt.") and seen[0].endswith(".tmp")
     assert open(ckpt, "rb").read() == before
     assert os.listdir(tmp_path) == [os.path.basename(ckpt)]
 
@@ -440,3 +452,104 @@ def test_loading_never_unpickles(ckpt, monkeypatch):
     tensors, metadata = load_checkpoint(ckpt)
     assert_same(tensors, sample_tensors())
     assert metadata == read_metadata(ckpt) == METADATA
+
+
+# ----------------------------------------------------------------------------- learned rules
+
+
+def save_fresh(path, **cfg) -> LearnedUpdate:
+    torch.manual_seed(0)
+    rule = LearnedUpdate(UpdateConfig(**cfg))
+    save_rule(rule, path, provenance={"seed": 0})
+    return rule
+
+
+def assert_same_rule(actual: LearnedUpdate, expected: LearnedUpdate) -> None:
+    assert actual.config == expected.config
+    assert_same(actual.state_dict(), expected.state_dict())
+
+
+def test_rule_round_trip(tmp_path):
+    path = tmp_path / "r.nfopt"
+    rule = save_fresh(path, hidden_channels=5, n_layers=3, activation="gelu")
+    back = load_rule(path)
+    assert_same_rule(back, rule)
+    assert back.provenance == {"seed": 0}
+    assert read_metadata(path)["content"] == RULE_CONTENT and "kind" not in read_metadata(path)
+
+
+def rewrite(path, mutate_tensors=None, mutate_meta=None):
+    tensors, meta = load_checkpoint(path)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    save_checkpoint(path, tensors, meta)
+
+
+def old_style(meta: dict) -> None:
+    """Metadata as nfopt wrote it before the content tag's key was renamed."""
+    meta["kind"] = meta.pop("content")
+
+
+def test_rule_files_with_the_old_content_key_load(tmp_path):
+    path = tmp_path / "old.nfopt"
+    rule = save_fresh(path)
+    rewrite(path, mutate_meta=old_style)
+    assert "content" not in read_metadata(path) and read_metadata(path)["kind"] == RULE_CONTENT
+    assert_same_rule(load_rule(path), rule)
+
+
+def test_committed_checkpoints_load_as_rules():
+    """The shipped default and the benchmark checkpoints, all written by earlier nfopt versions."""
+    paths = [default_checkpoint_path(), *sorted((ROOT / "benchmarks" / "checkpoints").rglob("*.nfopt"))]
+    assert len(paths) > 1
+    for path in paths:
+        rule = load_rule(path)
+        tensors, _ = load_checkpoint(path)
+        assert_same(rule.state_dict(), tensors)
+        assert rule.provenance, path
+
+
+@pytest.mark.parametrize(
+    "mutate_tensors,mutate_meta,reason",
+    [
+        (lambda t: t.pop("log_beta"), None, "missing"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), None, "unexpected"),
+        (lambda t: t.__setitem__("log_alpha", torch.zeros(2)), None, "shape"),
+        (lambda t: t.__setitem__("log_alpha", torch.tensor(1)), None, "floating point"),
+        (lambda t: t.__setitem__("log_alpha", torch.tensor(float("nan"))), None, "non-finite"),
+        (lambda t: t["nfn.layers.0.A"].view(-1)[0].fill_(float("inf")), None, "non-finite"),
+        (None, lambda m: m["config"].__setitem__("hidden_channels", 9), "do not match|shape"),
+        (None, lambda m: m.__setitem__("content", "something else"), "not a learned-update"),
+        (None, lambda m: m.pop("content"), "not a learned-update"),
+        (None, lambda m: (old_style(m), m.__setitem__("kind", "something else")), "not a learned-update"),
+        (None, lambda m: m["config"].__setitem__("activation", "swish"), "config cannot be read"),
+        (None, lambda m: m["config"].__setitem__("alpha", -1.0), "config cannot be read"),
+        (None, lambda m: m.pop("config"), "config cannot be read"),
+    ],
+)
+def test_mismatched_rule_checkpoint_names_file_and_reason(tmp_path, mutate_tensors, mutate_meta, reason):
+    path = tmp_path / "bad.nfopt"
+    save_fresh(path)
+    rewrite(path, mutate_tensors, mutate_meta)
+    with pytest.raises(CheckpointError, match=reason) as e:
+        load_rule(path)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_and_future_rule_files_fail_loudly(tmp_path):
+    path = tmp_path / "r.nfopt"
+    save_fresh(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        load_rule(path)
+    assert str(path) in str(e.value)
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"]["format_version"] = "99"
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+    with pytest.raises(CheckpointError, match="newer"):
+        load_rule(path)

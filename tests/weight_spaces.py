@@ -6,8 +6,7 @@ import random
 
 import torch
 
-from nfopt.weight_space import MonomialElement, MonomialSpec
-from nfopt.weight_space import TensorSpec, WeightSpaceSpec
+from nfopt.weight_space import AXIS_TYPES, Kind, MonomialElement, MonomialSpec, TensorSpec, WeightSpaceSpec
 
 
 def mlp_spec(widths: list[int]) -> WeightSpaceSpec:
@@ -67,6 +66,12 @@ def every_relation_spec(n: int = 3) -> WeightSpaceSpec:
             TensorSpec((n, n, 2, 2), (s, s, None, None), f"mf{copy}"),
         ]
     return WeightSpaceSpec(tuple(tensors))
+
+
+def relation(own: tuple[Kind, int], other: tuple[Kind, int]) -> int:
+    """The index of the NF-layer's neighbour relation that carries axis type ``other`` to ``own``
+    (an axis type is a kind and one of its labelled axes)."""
+    return AXIS_TYPES.index(own) * len(AXIS_TYPES) + AXIS_TYPES.index(other)
 
 
 def random_features(spec: WeightSpaceSpec, channels: int, seed: int = 0, dtype=torch.float64) -> list[torch.Tensor]:

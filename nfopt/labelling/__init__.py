@@ -1,7 +1,10 @@
 """Inferring a model's weight-space labelling from its structure, and applying group elements to models.
 
-``permutation``: which parameter axes share a neuron set (a torch.fx trace of the model).
-``monomial``: which of those sets also admit sign flips or scalings (from the activations).
+``permutation``: the labelling API: which parameter axes share a neuron set, inferred or given.
+``monomial``: which of those sets also admit sign flips or scalings, and the graph check that decides.
+``trace``: the torch.fx core both stand on: tracing a model, running its graph, watching its forward.
+``axes``: the permutation inference: axis variables tied and pinned while walking the graphs.
+``op_rules``, ``module_rules``: what each torch function, tensor method and nn module does to them.
 """
 
 from .monomial import MonomialLabelling, act_model_, label_monomial, monomial_invariance_error

@@ -25,21 +25,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .permutation import (
-    ModelLabelling,
-    _arg,
-    _as_tuple,
-    _has_hooks,
-    _Inference,
-    _leaves,
-    _named,
-    _record_shapes,
-    label_model,
-    output_change,
-    permute_model_,
-)
-from ..weight_space import MonomialElement, MonomialSpec
-from ..weight_space import Label
+from ..weight_space import Label, MonomialElement, MonomialSpec
+from .permutation import ModelLabelling, label_model, output_change, permute_model_
+from .trace import Traces, as_tuple, available, call_arg, has_hooks, leaves, record_shapes
 
 # --------------------------------------------------------------------------------------------------
 # Public API
@@ -93,14 +81,14 @@ def label_monomial(model: nn.Module, example_inputs: tuple | torch.Tensor | None
     spec = labelling.params
     exponents = [list(row) for row in MonomialSpec.permutations_only(spec).exponents]
     symmetries: dict[Label, str] = {}
-    graphs = _Inference([]).trace(model)
+    graphs = Traces().graphs(model)
     if graphs is not None:
-        inputs = _as_tuple(example_inputs)
+        inputs = as_tuple(example_inputs)
         shapes = None
         if inputs is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # label_model has warned already if the model fails
-                shapes = _record_shapes(graphs[0], model, inputs)
+                shapes = record_shapes(graphs[0], model, inputs)
         params = [p for _, p in model.named_parameters()]
         labels = {(id(p), ax): label for p, t in zip(params, spec.tensors) for ax, label in enumerate(t.axes)}
         analyses = [_Graph(gm, labels, shapes if i == 0 else None) for i, gm in enumerate(graphs)]
@@ -110,10 +98,10 @@ def label_monomial(model: nn.Module, example_inputs: tuple | torch.Tensor | None
             if not members or label in on_buffers:
                 continue
             keys = [(id(params[ti]), ax) for ti, ax in members]
-            for kind in ("scale", "sign"):
-                roles = [g.roles(label, kind) for g in analyses]
+            for symmetry in ("scale", "sign"):
+                roles = [g.roles(label, symmetry) for g in analyses]
                 if all(r is not None and all(k in r for k in keys) for r in roles):
-                    symmetries[label] = kind
+                    symmetries[label] = symmetry
                     for (ti, ax), k in zip(members, keys):
                         exponents[ti][ax] = roles[0][k]
                     break
@@ -159,14 +147,14 @@ def _buffer_sets(labelling: ModelLabelling) -> set[Label]:
 
 def _check_factors(spec: MonomialSpec, factors: Mapping[Label, torch.Tensor]) -> None:
     """Each set admitting signs or scalings needs a vector of ±1s or of positive finite numbers."""
-    for label, kind in spec.symmetries:
+    for label, symmetry in spec.symmetries:
         n = spec.space.set_sizes[label]
         f = factors.get(label)
         if not isinstance(f, torch.Tensor) or f.shape != (n,) or not f.is_floating_point():
             raise ValueError(f"set {label!r} needs a floating-point factor vector of shape ({n},)")
-        valid = f.abs() == 1 if kind == "sign" else (f > 0) & f.isfinite()
+        valid = f.abs() == 1 if symmetry == "sign" else (f > 0) & f.isfinite()
         if not bool(valid.all()):
-            must = "±1" if kind == "sign" else "positive and finite"
+            must = "±1" if symmetry == "sign" else "positive and finite"
             raise ValueError(f"the factors of set {label!r} must be {must}")
 
 
@@ -198,16 +186,16 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         d = _LAYER_MODULES.get(type(m))
-        if d is None or _has_hooks(m) or getattr(m, "groups", 1) != 1:
+        if d is None or has_hooks(m) or getattr(m, "groups", 1) != 1:
             return None
-        return _Layer(_arg(node.args, node.kwargs, 0, "input"), m.weight, m.bias, -(d + 1))
+        return _Layer(call_arg(node.args, node.kwargs, 0, "input"), m.weight, m.bias, -(d + 1))
     d = _LAYER_FUNCTIONS.get(node.target) if node.op == "call_function" else None
-    if d is None or (d and _arg(node.args, node.kwargs, 6, "groups", 1) != 1):
+    if d is None or (d and call_arg(node.args, node.kwargs, 6, "groups", 1) != 1):
         return None
-    w, b = _param_node(gm, _arg(node.args, node.kwargs, 1, "weight")), _arg(node.args, node.kwargs, 2, "bias")
+    w, b = _param_node(gm, call_arg(node.args, node.kwargs, 1, "weight")), call_arg(node.args, node.kwargs, 2, "bias")
     if w is None or (b is not None and _param_node(gm, b) is None):
         return None
-    return _Layer(_arg(node.args, node.kwargs, 0, "input"), w, None if b is None else _param_node(gm, b), -(d + 1))
+    return _Layer(call_arg(node.args, node.kwargs, 0, "input"), w, None if b is None else _param_node(gm, b), -(d + 1))
 
 
 def _param_node(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -219,7 +207,7 @@ def _param_node(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def _nodes(node: fx.Node) -> list[fx.Node]:
-    return [a for a in _leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+    return [a for a in leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
 
 
 class _Graph:
@@ -239,9 +227,9 @@ class _Graph:
             ):
                 self.misused.add(id(param))
 
-    def roles(self, label: Label, kind: str) -> dict[tuple[int, int], int] | None:
-        """The exponent of each parameter axis in the set's layers, if ``kind`` is a symmetry of
-        this graph for the set; else None."""
+    def roles(self, label: Label, symmetry: str) -> dict[tuple[int, int], int] | None:
+        """The exponent of each parameter axis in the set's layers, if ``symmetry`` (``"sign"`` or
+        ``"scale"``) is one of this graph for the set; else None."""
         starts = {n: l for n, l in self.layers.items() if self.labels.get((id(l.weight), 0)) == label}
         ends = {n: l for n, l in self.layers.items() if self.labels.get((id(l.weight), 1)) == label}
         if any(l.bias is not None and self.labels.get((id(l.bias), 0)) != label for l in starts.values()):
@@ -255,7 +243,7 @@ class _Graph:
                 if end is not None and end.input is n and _nodes(u).count(n) == 1 and end.channel == channel[n]:
                     continue
                 step = self._step(u, n, channel[n])
-                if step is None or kind not in step[0]:
+                if step is None or symmetry not in step[0]:
                     return None
                 if step[1] is not None:
                     channel[u] = step[1]
@@ -276,13 +264,13 @@ class _Graph:
         ):
             return _BOTH, None
         nodes = _nodes(u)
-        if _arg(u.args, u.kwargs, 0, "input") is not n or nodes.count(n) != 1:
+        if call_arg(u.args, u.kwargs, 0, "input") is not n or nodes.count(n) != 1:
             return None
         if len(nodes) > 1 and (u.op == "call_module" or u.target not in _RESHAPES):
             return None  # only a reshape may take other nodes (sizes)
         if u.op == "call_module":
             m = self.gm.get_submodule(u.target)
-            return None if _has_hooks(m) else _module_step(self, u, m, c)
+            return None if has_hooks(m) else _module_step(self, u, m, c)
         table = _METHOD_STEPS if u.op == "call_method" else _FUNCTION_STEPS if u.op == "call_function" else {}
         step = table.get(u.target)
         return None if step is None else step(self, u, c)
@@ -291,10 +279,10 @@ class _Graph:
         """Where a reshape puts the channel axis ``c`` of its input, if it keeps it whole: the same
         size with the same product of sizes before it (row-major order then keeps every index).
         Arguments must be sizes (ints or nodes): ``view(dtype)`` reinterprets bits."""
-        before, after = self.shapes.get(_arg(u.args, u.kwargs, 0, "input")), self.shapes.get(u)
+        before, after = self.shapes.get(call_arg(u.args, u.kwargs, 0, "input")), self.shapes.get(u)
         if not (isinstance(before, torch.Size) and isinstance(after, torch.Size)) or 0 in before:
             return None
-        if not all(isinstance(a, (int, fx.Node)) for a in _leaves((u.args[1:], u.kwargs))):
+        if not all(isinstance(a, (int, fx.Node)) for a in leaves((u.args[1:], u.kwargs))):
             return None
         at = len(before) + c
         prefix = before[:at].numel()
@@ -305,9 +293,9 @@ class _Graph:
 
     def reduced(self, u: fx.Node, c: int) -> int | None:
         """Where a reduction over other axes than the channel axis ``c`` puts it."""
-        dims, keepdim = _arg(u.args, u.kwargs, 1, "dim"), _arg(u.args, u.kwargs, 2, "keepdim", False)
+        dims, keepdim = call_arg(u.args, u.kwargs, 1, "dim"), call_arg(u.args, u.kwargs, 2, "keepdim", False)
         dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-        shape = self.shapes.get(_arg(u.args, u.kwargs, 0, "input"))
+        shape = self.shapes.get(call_arg(u.args, u.kwargs, 0, "input"))
         ints = all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
         if not (dims and ints and isinstance(keepdim, bool)):
             return None  # no dims (or an empty tuple) reduce every axis
@@ -319,108 +307,118 @@ class _Graph:
         return c if keepdim else c + sum(d > c for d in dims)
 
 
-Step = Callable[[_Graph, fx.Node, int], "tuple[frozenset[str], int | None] | None"]
+_Step = Callable[[_Graph, fx.Node, int], "tuple[frozenset[str], int | None] | None"]
+"""What a node does to its input, whose channel axis is ``c``: the symmetries it commutes with and
+where its output's channel axis is (None: not a tensor); None if not understood."""
 
 
-def _same(kinds: frozenset[str]) -> Step:
+def _elementwise_step(symmetries: frozenset[str]) -> _Step:
     """An elementwise operation: the channel axis stays where it is."""
-    return lambda graph, u, c: (kinds, c)
+    return lambda graph, u, c: (symmetries, c)
 
 
-def _reshape(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
+def _reshape_step(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
+    """A reshape that keeps the channel axis whole: it commutes with any factor."""
     out = graph.reshaped(u, c)
     return None if out is None else (_BOTH, out)
 
 
-def _reduce(kinds: frozenset[str]) -> Step:
+def _reduction_step(symmetries: frozenset[str]) -> _Step:
+    """A sum, mean or maximum over other axes than the channel axis."""
+
     def step(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int | None] | None:
         out = graph.reduced(u, c)
-        return None if out is None else (kinds, out)
+        return None if out is None else (symmetries, out)
 
     return step
 
 
-def _pool(d: int, kinds: frozenset[str], indices_at: int | None) -> Step:
+def _pool_step(d: int, symmetries: frozenset[str], indices_at: int | None) -> _Step:
     """Pooling over the last ``d`` axes, so the channel axis must be just before them."""
 
     def step(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int | None] | None:
-        if indices_at is not None and _arg(u.args, u.kwargs, indices_at, "return_indices", False) is not False:
+        if indices_at is not None and call_arg(u.args, u.kwargs, indices_at, "return_indices", False) is not False:
             return None
-        return (kinds, c) if c == -(d + 1) else None
+        return (symmetries, c) if c == -(d + 1) else None
 
     return step
 
 
-def _symmetric_hardtanh(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
-    low, high = _arg(u.args, u.kwargs, 1, "min_val", -1.0), _arg(u.args, u.kwargs, 2, "max_val", 1.0)
+def _hardtanh_step(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
+    """Hardtanh is odd, so commutes with signs, when its bounds are symmetric."""
+    low, high = call_arg(u.args, u.kwargs, 1, "min_val", -1.0), call_arg(u.args, u.kwargs, 2, "max_val", 1.0)
     return (_SIGN, c) if low == -high else None
 
 
-def _constant_factor(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
+def _constant_factor_step(graph: _Graph, u: fx.Node, c: int) -> tuple[frozenset[str], int] | None:
     """``x * a`` and ``x / a`` for a number ``a``: linear, so it commutes with any factor."""
     a = u.args[1] if len(u.args) == 2 and not u.kwargs else None
     return (_BOTH, c) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
 
 
-def _pools(prefix: str, kinds: frozenset[str], indices_at: int | None) -> dict[Any, Step]:
-    return {f: _pool(d, kinds, indices_at) for d in (1, 2, 3) for f in _named(F, f"{prefix}{d}d")}
+def _pool_steps(prefix: str, symmetries: frozenset[str], indices_at: int | None) -> dict[Any, _Step]:
+    """The steps of the 1-, 2- and 3-d pooling functions ``F.<prefix><d>d``."""
+    return {f: _pool_step(d, symmetries, indices_at) for d in (1, 2, 3) for f in available(F, f"{prefix}{d}d")}
 
 
 _RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze")
 _RESHAPES = (*_RESHAPE_FUNCTIONS, *_RESHAPE_METHODS)
 
-_FUNCTION_STEPS: dict[Any, Step] = {
-    **dict.fromkeys(_named(torch, "tanh sin"), _same(_SIGN)),
-    **dict.fromkeys(_named(F, "softsign tanhshrink softshrink hardshrink"), _same(_SIGN)),
-    **dict.fromkeys((torch.relu, F.relu, F.leaky_relu), _same(_SCALE)),
-    **dict.fromkeys((operator.neg, torch.neg, *_named(F, "dropout dropout1d dropout2d dropout3d")), _same(_BOTH)),
-    F.hardtanh: _symmetric_hardtanh,
-    operator.mul: _constant_factor,
-    operator.truediv: _constant_factor,
-    **dict.fromkeys((torch.sum, torch.mean), _reduce(_BOTH)),
-    torch.amax: _reduce(_SCALE),
-    **dict.fromkeys(_RESHAPE_FUNCTIONS, _reshape),
-    **_pools("avg_pool", _BOTH, None),
-    **_pools("adaptive_avg_pool", _BOTH, None),
-    **_pools("max_pool", _SCALE, 6),
-    **_pools("adaptive_max_pool", _SCALE, 2),
+_FUNCTION_STEPS: dict[Any, _Step] = {
+    **dict.fromkeys(available(torch, "tanh sin"), _elementwise_step(_SIGN)),
+    **dict.fromkeys(available(F, "softsign tanhshrink softshrink hardshrink"), _elementwise_step(_SIGN)),
+    **dict.fromkeys((torch.relu, F.relu, F.leaky_relu), _elementwise_step(_SCALE)),
+    **dict.fromkeys(
+        (operator.neg, torch.neg, *available(F, "dropout dropout1d dropout2d dropout3d")), _elementwise_step(_BOTH)
+    ),
+    F.hardtanh: _hardtanh_step,
+    operator.mul: _constant_factor_step,
+    operator.truediv: _constant_factor_step,
+    **dict.fromkeys((torch.sum, torch.mean), _reduction_step(_BOTH)),
+    torch.amax: _reduction_step(_SCALE),
+    **dict.fromkeys(_RESHAPE_FUNCTIONS, _reshape_step),
+    **_pool_steps("avg_pool", _BOTH, None),
+    **_pool_steps("adaptive_avg_pool", _BOTH, None),
+    **_pool_steps("max_pool", _SCALE, 6),
+    **_pool_steps("adaptive_max_pool", _SCALE, 2),
 }
 """What each ``call_function`` target commutes with, and where it moves the channel axis."""
 
-_METHOD_STEPS: dict[str, Step] = {
-    **dict.fromkeys(("tanh", "tanh_", "sin"), _same(_SIGN)),
-    **dict.fromkeys(("relu", "relu_"), _same(_SCALE)),
-    **dict.fromkeys(("neg", "contiguous", "clone"), _same(_BOTH)),
-    **dict.fromkeys(("sum", "mean"), _reduce(_BOTH)),
-    "amax": _reduce(_SCALE),
-    **dict.fromkeys(_RESHAPE_METHODS, _reshape),
+_METHOD_STEPS: dict[str, _Step] = {
+    **dict.fromkeys(("tanh", "tanh_", "sin"), _elementwise_step(_SIGN)),
+    **dict.fromkeys(("relu", "relu_"), _elementwise_step(_SCALE)),
+    **dict.fromkeys(("neg", "contiguous", "clone"), _elementwise_step(_BOTH)),
+    **dict.fromkeys(("sum", "mean"), _reduction_step(_BOTH)),
+    "amax": _reduction_step(_SCALE),
+    **dict.fromkeys(_RESHAPE_METHODS, _reshape_step),
 }
 """The same for ``call_method`` targets (``x.relu()``)."""
 
-_MODULE_KINDS: dict[type, frozenset[str]] = {
-    **dict.fromkeys(_named(nn, "Tanh Softsign Tanhshrink Softshrink Hardshrink"), _SIGN),
+_ELEMENTWISE_MODULE_SYMMETRIES: dict[type, frozenset[str]] = {
+    **dict.fromkeys(available(nn, "Tanh Softsign Tanhshrink Softshrink Hardshrink"), _SIGN),
     **dict.fromkeys((nn.ReLU, nn.LeakyReLU), _SCALE),
-    **dict.fromkeys(_named(nn, "Identity Dropout Dropout1d Dropout2d Dropout3d"), _BOTH),
+    **dict.fromkeys(available(nn, "Identity Dropout Dropout1d Dropout2d Dropout3d"), _BOTH),
 }
 """Elementwise modules (by exact type) and the factors they commute with."""
 
 _MODULE_POOLS: dict[type, tuple[int, frozenset[str]]] = {
-    **{cls: (d, _BOTH) for d in (1, 2, 3) for cls in _named(nn, f"AvgPool{d}d AdaptiveAvgPool{d}d")},
-    **{cls: (d, _SCALE) for d in (1, 2, 3) for cls in _named(nn, f"MaxPool{d}d AdaptiveMaxPool{d}d")},
+    **{cls: (d, _BOTH) for d in (1, 2, 3) for cls in available(nn, f"AvgPool{d}d AdaptiveAvgPool{d}d")},
+    **{cls: (d, _SCALE) for d in (1, 2, 3) for cls in available(nn, f"MaxPool{d}d AdaptiveMaxPool{d}d")},
 }
 """Pooling modules: the number of pooled axes and the factors they commute with."""
 
 
 def _module_step(graph: _Graph, u: fx.Node, m: nn.Module, c: int) -> tuple[frozenset[str], int | None] | None:
+    """What a module call does to the channel axis ``c`` (by exact type), as :meth:`_Graph._step` says."""
     cls = type(m)
-    if cls in _MODULE_KINDS:
-        return _MODULE_KINDS[cls], c
+    if cls in _ELEMENTWISE_MODULE_SYMMETRIES:
+        return _ELEMENTWISE_MODULE_SYMMETRIES[cls], c
     if cls is nn.Hardtanh:
         return (_SIGN, c) if m.min_val == -m.max_val else None
     if cls is nn.PReLU:
         return (_SCALE, c) if m.num_parameters == 1 else None
     if cls in _MODULE_POOLS:
-        d, kinds = _MODULE_POOLS[cls]
-        return (kinds, c) if c == -(d + 1) and not getattr(m, "return_indices", False) else None
-    return _reshape(graph, u, c) if cls in (nn.Flatten, nn.Unflatten) else None
+        d, symmetries = _MODULE_POOLS[cls]
+        return (symmetries, c) if c == -(d + 1) and not getattr(m, "return_indices", False) else None
+    return _reshape_step(graph, u, c) if cls in (nn.Flatten, nn.Unflatten) else None

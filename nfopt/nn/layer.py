@@ -29,6 +29,8 @@ from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec
 from .plan import N_RELATIONS, SUBSET_SLOTS, constant, from_canonical, plan_for, to_canonical
+
+
 class _Pooled:
     """Means of one tensor over sets of axes (keepdim), each reduced from the largest cached one."""
 

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..weight_space import MonomialSpec, as_monomial, sign_scale_invariants
+from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec, as_monomial, sign_scale_invariants
 from .layer import NFLayer
 from .plan import plan_for
-from ..weight_space import KINDS, WeightSpaceSpec
 
 ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
 """Applied to fresh layer outputs, which nothing else holds, so in place where torch can."""
@@ -58,7 +57,6 @@ class NFN(nn.Module):
             NFLayer(i, o, context_channels if n == 0 else 0, pooled)
             for n, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
         )
-        self.activation_name = activation
         self._act = _activation(activation)
         if zero_last:
             self.layers[-1].zero_()

@@ -9,7 +9,6 @@ are kept. Plans are cached per spec, so a step of the optimizer does no Python w
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +27,7 @@ N_RELATIONS = len(AXIS_TYPES) ** 2
 class TensorPlan:
     """How one tensor is brought to canonical layout and which weights apply to it."""
 
-    kind: int
+    kind: int  # the tensor's kind, as an index into KINDS: which of a layer's weights apply
     perm: tuple[int, ...] | None  # axis order (after the channel axis) that puts labelled axes first
     canonical: tuple[int, ...]
     subsets: tuple[tuple[tuple[int, ...], int], ...]  # (canonical axes pooled, B slot)
@@ -39,6 +38,8 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """A weight space as the NF-layer reads it: a plan per tensor and what the pooled terms share."""
+
     tensors: tuple[TensorPlan, ...]
     pooled_axes: tuple[tuple[int, int], ...]  # every (tensor, canonical axis) some neighbour reads
     invariant: tuple[int, ...]  # tensors whose means are invariants: they feed the global term
@@ -123,9 +124,7 @@ def from_canonical(y: torch.Tensor, p: TensorPlan, shape: tuple[int, ...]) -> to
     return y.permute(0, *(i + 1 for i in inverse))
 
 
-
-
-@functools.lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 def _cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 

@@ -1,6 +1,11 @@
 """NFNOptimizer as a differentiable inner optimizer of the ``higher`` library.
 
-Importing this module registers :class:`DifferentiableNFNOptimizer` for :class:`NFNOptimizer`, so
+Needs ``higher`` (``pip install "nfopt[higher]"``); ``import nfopt`` does not import this module.
+Importing it registers :class:`DifferentiableNFNOptimizer` for :class:`NFNOptimizer`, so
+
+    import higher
+    import nfopt.optim.higher  # noqa: F401  (the registration)
+    from nfopt import NFNOptimizer
 
     with higher.innerloop_ctx(model, NFNOptimizer.for_model(model)) as (fmodel, diffopt):
         for x, y in batches:
@@ -17,7 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import higher
+try:
+    import higher
+except ModuleNotFoundError as e:
+    if e.name != "higher":
+        raise
+    raise ModuleNotFoundError(
+        'nfopt.optim.higher needs the higher package: pip install "nfopt[higher]"', name="higher"
+    ) from e
 import torch
 from torch.func import functional_call
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .features import init_state
+from ..io import load_rule
+from ..labelling import ModelLabelling, MonomialLabelling, label_model, label_monomial
+from .features import FeatureConfig, init_state
 from .rule import LearnedUpdate
 from ..weight_space import MonomialSpec, TensorSpec, WeightSpaceSpec, as_monomial, default_exponents
 
@@ -27,11 +31,64 @@ def default_checkpoint_path() -> Path:
 
 
 def _fingerprint(rule: LearnedUpdate) -> str:
-    h = hashlib.sha256()
+    """A hash of the rule's config and weights (read as float64, so that a rule and its float64
+    copy agree). Rules that differ only in config, like fresh rules of two learning rates, differ."""
+    h = hashlib.sha256(json.dumps(rule.config.to_dict(), sort_keys=True).encode())
     for k, v in sorted(rule.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().to(torch.float64).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+Labelling = WeightSpaceSpec | MonomialSpec | ModelLabelling | MonomialLabelling
+"""What ``NFNOptimizer(labelling=...)`` accepts: a labelled weight space, or a labeller's result."""
+
+
+def _statistics(cfg: FeatureConfig) -> tuple[tuple[float, ...], float]:
+    """What the per-parameter state's statistics are: the momenta's decay rates and beta2."""
+    return cfg.momentum_decays, cfg.beta2
+
+
+def _rule_tensors(rule: LearnedUpdate) -> list[torch.Tensor]:
+    return [*rule.parameters(), *rule.buffers()]
+
+
+@dataclass(frozen=True)
+class _RuleCopy:
+    """The rule cast to another device or dtype, with what it was made from.
+
+    ``sources`` alias (``detach()``) the source rule's tensors at copy time, which keeps their
+    memory alive: a tensor whose data was since replaced (``module.to``, assigning ``.data``, a
+    new Parameter) has another address. ``versions`` are their in-place version counters then.
+    """
+
+    rule: LearnedUpdate
+    source: LearnedUpdate
+    sources: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    @classmethod
+    def make(
+        cls, rule: LearnedUpdate, tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> _RuleCopy:
+        """A copy of ``rule`` (whose tensors are ``tensors``) on ``device`` in ``dtype``."""
+        return cls(
+            copy.deepcopy(rule).to(device=device, dtype=dtype),
+            rule,
+            tuple(t.detach() for t in tensors),
+            tuple(t._version for t in tensors),
+        )
+
+    def is_copy_of(self, rule: LearnedUpdate, tensors: list[torch.Tensor]) -> bool:
+        """Whether ``rule`` (whose tensors are ``tensors``) is the source, unchanged since the copy."""
+        return (
+            rule is self.source
+            and len(tensors) == len(self.sources)
+            and all(
+                t.data_ptr() == s.data_ptr() and t._version == v
+                for t, s, v in zip(tensors, self.sources, self.versions)
+            )
+        )
 
 
 class NFNOptimizer(Optimizer):
@@ -42,17 +99,22 @@ class NFNOptimizer(Optimizer):
         ckpt: path of a checkpoint written by meta-training, or ``None`` for the packaged default.
         lr: multiplier of the learned step (1.0 = as meta-trained); learning-rate schedulers scale it.
         weight_decay: decoupled weight decay, applied as AdamW does with learning rate ``lr·α``.
-        labelling: the weight-space labelling of the parameters (``NFNOptimizer.for_model`` infers
-            it from a model). Without one, every tensor's axes are independent neuron sets: still
-            equivariant, but the NFN cannot pass information between layers. A
-            :class:`~nfopt.weight_space.MonomialSpec` adds sign-flip symmetries, which a
-            checkpoint meta-trained with ``sign_flips`` respects (``for_model`` infers them).
+        labelling: the weight-space labelling of the parameters, in order: what
+            :func:`~nfopt.labelling.label_model` or :func:`~nfopt.labelling.label_monomial` return
+            for a model whose parameters are all given, or its ``.params``
+            (``NFNOptimizer.for_model`` infers it). Without one, every tensor's axes are
+            independent neuron sets: still equivariant, but the NFN cannot pass information
+            between layers. Sign flips (a :class:`~nfopt.weight_space.MonomialSpec`) are used by
+            a rule meta-trained with ``sign_flips``; of a ``MonomialLabelling`` only they are
+            kept, and only for such a rule, as ``for_model`` does.
+        rule: the learned update rule itself, instead of a checkpoint (see :attr:`rule`).
 
     The update of every parameter is computed jointly from all parameters that have a gradient.
     State per parameter: momenta at each decay rate, the second moment and a step count, in
-    float32 (``state_bytes_per_parameter``); parameters of any floating dtype are updated in float32
-    (float64 stays float64) and written back in their own dtype. A gradient holding inf or NaN
-    leaves that tensor and its statistics untouched for the step; ``nonfinite_skips`` counts them.
+    float32 (float64 for float64 parameters); parameters of any floating dtype are updated in
+    float32 (float64 stays float64) and written back in their own dtype. A gradient holding inf
+    or NaN leaves that tensor and its statistics untouched for the step; ``nonfinite_skips``
+    counts them (on CPU a warning says so once; on other devices checking would synchronize).
     """
 
     def __init__(
@@ -61,7 +123,7 @@ class NFNOptimizer(Optimizer):
         ckpt: str | Path | None = None,
         lr: float = 1.0,
         weight_decay: float = 0.0,
-        labelling: WeightSpaceSpec | MonomialSpec | None = None,
+        labelling: Labelling | None = None,
         *,
         rule: LearnedUpdate | None = None,
     ) -> None:
@@ -72,14 +134,11 @@ class NFNOptimizer(Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         if rule is None:
             path = default_checkpoint_path() if ckpt is None else Path(ckpt)
-            rule = LearnedUpdate.load(path)
+            rule = load_rule(path)
         elif ckpt is not None:
             raise ValueError("give either ckpt or rule, not both")
-        for p in rule.parameters():
-            p.requires_grad_(False)
         self.rule = rule
-        self.rule_fingerprint = _fingerprint(rule)
-        self._rules: dict[tuple[torch.device, torch.dtype], LearnedUpdate] = {}
+        self._rules: dict[tuple[torch.device, torch.dtype], _RuleCopy] = {}
         self._labels: dict[int, TensorSpec] = {}
         self._exponents: dict[int, tuple[int, ...]] = {}
         self._symmetries: dict[Any, str] = {}
@@ -89,6 +148,37 @@ class NFNOptimizer(Optimizer):
             self._set_labelling(labelling)
         for group in self.param_groups:
             self._check_group(group)
+
+    @property
+    def rule(self) -> LearnedUpdate:
+        """The learned update rule that computes every step: this very object, not a copy.
+
+        Assigning another rule, or changing this one's weights in place (``load_state_dict``, an
+        in-place op, ``.to()``), takes effect at the next step; only writes through ``.data``
+        go unseen, as they do by autograd. The optimizer freezes the rule's weights
+        (``requires_grad=False``) and never changes them.
+        """
+        return self._rule
+
+    @rule.setter
+    def rule(self, rule: LearnedUpdate) -> None:
+        if not isinstance(rule, LearnedUpdate):
+            raise TypeError(f"rule must be a LearnedUpdate, got {type(rule).__name__}")
+        if hasattr(self, "_rule") and any(self.state.values()):
+            new, old = (_statistics(r.config.features) for r in (rule, self._rule))
+            if new != old:
+                raise ValueError(
+                    f"the new rule keeps other statistics (momentum decays and beta2 {new}) than the "
+                    f"optimizer's state holds ({old}); give it to an optimizer that has not stepped yet"
+                )
+        rule.requires_grad_(False)
+        self._rule = rule
+
+    @property
+    def rule_fingerprint(self) -> str:
+        """A hash of :attr:`rule`'s weights as they are now (16 hex digits); :meth:`state_dict`
+        records it, so that loading state made with another rule warns."""
+        return _fingerprint(self.rule)
 
     @classmethod
     def for_model(
@@ -101,21 +191,17 @@ class NFNOptimizer(Optimizer):
     ) -> NFNOptimizer:
         """An optimizer that knows the model's structure, so the NFN couples connected layers.
 
-        ``params`` (default: ``model.parameters()``) may be param groups of the model's parameters.
-        ``example_inputs`` let the structure inference follow shapes (a flatten of a 1x1 map, a
-        BatchNorm1d); see :func:`nfopt.labelling.label_model`.
+        ``params`` (default: ``model.parameters()``) may be param groups of the model's parameters,
+        any subset in any order. ``example_inputs`` let the structure inference follow shapes (a
+        flatten of a 1x1 map, a BatchNorm1d); see :func:`nfopt.labelling.label_model`. The
+        labelling is :func:`~nfopt.labelling.label_monomial`'s for a rule meta-trained with
+        ``sign_flips``, :func:`~nfopt.labelling.label_model`'s otherwise.
         """
+        if "labelling" in kwargs:
+            raise TypeError("for_model infers the labelling; to give one, use NFNOptimizer(params, labelling=...)")
         opt = cls(model.parameters() if params is None else params, ckpt, **kwargs)
-        # torch.fx machinery, only needed here
-        if opt.rule.config.sign_flips:
-            from ..labelling import label_monomial
-
-            spec: WeightSpaceSpec | MonomialSpec = label_monomial(model, example_inputs).params.only("sign")
-        else:
-            from ..labelling import label_model
-
-            spec = label_model(model, example_inputs).params
-        mono = as_monomial(spec)
+        labeller = label_monomial if opt.rule.config.sign_flips else label_model
+        mono = as_monomial(opt._params_spec(labeller(model, example_inputs)))
         by_id = {id(p): i for i, p in enumerate(model.parameters())}
         for p in opt._all_params():
             if id(p) not in by_id:
@@ -126,9 +212,25 @@ class NFNOptimizer(Optimizer):
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _set_labelling(self, spec: WeightSpaceSpec | MonomialSpec) -> None:
+    def _params_spec(self, labelling: Labelling) -> WeightSpaceSpec | MonomialSpec:
+        """The labelled weight space of the parameters that ``labelling`` describes. Of a
+        MonomialLabelling's symmetries, the sign flips are kept for a rule meta-trained with
+        ``sign_flips`` and dropped otherwise; scalings always (gradient training is not
+        equivariant to them). A spec is taken as given."""
+        if isinstance(labelling, MonomialLabelling):
+            return labelling.params.only("sign") if self.rule.config.sign_flips else labelling.params.space
+        if isinstance(labelling, ModelLabelling):
+            return labelling.params
+        if isinstance(labelling, (WeightSpaceSpec, MonomialSpec)):
+            return labelling
+        raise TypeError(
+            "labelling must be a WeightSpaceSpec, a MonomialSpec, or a ModelLabelling or MonomialLabelling "
+            f"(what nfopt.labelling.label_model and label_monomial return), got {type(labelling).__name__}"
+        )
+
+    def _set_labelling(self, labelling: Labelling) -> None:
         params = self._all_params()
-        mono = as_monomial(spec)
+        mono = as_monomial(self._params_spec(labelling))
         if len(mono.space) != len(params):
             raise ValueError(
                 f"the labelling describes {len(mono.space)} tensors but the optimizer holds {len(params)} "
@@ -189,14 +291,20 @@ class NFNOptimizer(Optimizer):
         return spec
 
     def _rule_for(self, device: torch.device, dtype: torch.dtype) -> LearnedUpdate:
-        """The rule's weights on the parameters' device, in their compute dtype (copied once)."""
-        rule = self._rules.get((device, dtype))
-        if rule is None:
-            rule = self._rules[(device, dtype)] = copy.deepcopy(self.rule).to(device=device, dtype=dtype)
-        return rule
+        """The rule to compute on ``device`` in ``dtype``: :attr:`rule` itself where its weights
+        are there already, else a copy cast there, made again once the rule or its weights changed
+        (known from version counters and addresses, so that a step copies nothing otherwise)."""
+        rule = self.rule
+        tensors = _rule_tensors(rule)
+        if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+            return rule
+        cast = self._rules.get((device, dtype))
+        if cast is None or not cast.is_copy_of(rule, tensors):
+            cast = self._rules[(device, dtype)] = _RuleCopy.make(rule, tensors, device, dtype)
+        return cast.rule
 
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state, plus a fingerprint of the rule that produced it."""
+        """The usual optimizer state, plus :attr:`rule_fingerprint`, the current rule's."""
         sd = super().state_dict()
         sd["rule_fingerprint"] = self.rule_fingerprint
         return sd
@@ -208,11 +316,11 @@ class NFNOptimizer(Optimizer):
         of bf16 parameters.) Warns if the state was made with a different learned rule.
         """
         state_dict = dict(state_dict)
-        fingerprint = state_dict.pop("rule_fingerprint", None)
-        if fingerprint is not None and fingerprint != self.rule_fingerprint:
+        fingerprint, ours = state_dict.pop("rule_fingerprint", None), self.rule_fingerprint
+        if fingerprint is not None and fingerprint != ours:
             warnings.warn(
                 "loading optimizer state made with a different learned rule "
-                f"({fingerprint} vs {self.rule_fingerprint}); training goes on with this one",
+                f"({fingerprint} vs {ours}); training goes on with this one",
                 UserWarning,
                 stacklevel=2,
             )

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..io import CheckpointError, load_checkpoint, save_checkpoint
 from .features import FeatureConfig, adam_direction, features, update_statistics
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import plan_for
 from ..nn.nfn import NFN
-
-CHECKPOINT_KIND = "nfopt.LearnedUpdate"
 
 
 @dataclass(frozen=True)
@@ -137,46 +133,13 @@ class LearnedUpdate(nn.Module):
         c = self.config
         return c.alpha * self.log_alpha.exp(), c.beta * self.log_beta.exp(), c.gamma * self.log_gamma.exp()
 
-    def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> None:
-        """Write the rule as a checkpoint: weights and the config that rebuilds it."""
-        meta = {"kind": CHECKPOINT_KIND, "config": self.config.to_dict(), "provenance": provenance or {}}
-        save_checkpoint(path, {k: v.detach() for k, v in self.state_dict().items()}, meta)
-
-    @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LearnedUpdate:
-        """Read a checkpoint written by :meth:`save`; any mismatch is a CheckpointError naming the file."""
-        tensors, meta = load_checkpoint(path, map_location=map_location)
-        if meta.get("kind") != CHECKPOINT_KIND:
-            raise CheckpointError(path, f"not a learned-update checkpoint (kind {meta.get('kind')!r})")
-        try:
-            config = UpdateConfig(**meta["config"])
-            rule = cls(config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(path, f"its config cannot be read: {e}") from e
-        expected = rule.state_dict()
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise CheckpointError(path, f"tensors do not match its config (missing {missing}, unexpected {extra})")
-        for k, v in expected.items():
-            if tuple(tensors[k].shape) != tuple(v.shape) or not tensors[k].is_floating_point():
-                raise CheckpointError(
-                    path,
-                    f"tensor {k} has shape {tuple(tensors[k].shape)} and dtype {tensors[k].dtype}, "
-                    f"its config needs shape {tuple(v.shape)} floating point"
-                )
-            if not torch.isfinite(tensors[k]).all():
-                raise CheckpointError(path, f"tensor {k} holds non-finite values")
-        rule.load_state_dict({k: t.to(v.dtype) for k, t in tensors.items() for v in [expected[k]]})
-        rule.provenance = meta.get("provenance", {})
-        return rule
-
 
 def _flipping(spec: WeightSpaceSpec | MonomialSpec) -> list[bool]:
     """Per tensor, whether its elements flip sign under the spec's group (read from the layers'
     cached plan, so a step does no work on it)."""
     groups = [p.factor_group for p in plan_for(spec).tensors]
     if "scale" in groups or "both" in groups:
-        scaled = [label for label, kind in spec.symmetries if kind == "scale"]
+        scaled = [label for label, symmetry in spec.symmetries if symmetry == "scale"]
         raise ValueError(
             f"neuron sets {scaled} admit scalings, to which gradient training is not equivariant; "
             "give the update rule a spec with sign flips only"

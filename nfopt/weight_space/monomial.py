@@ -52,15 +52,14 @@ class MonomialSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.space, WeightSpaceSpec):
             raise TypeError(f"space must be a WeightSpaceSpec, got {type(self.space).__name__}")
-        symmetries = tuple((label, kind) for label, kind in dict(self.symmetries).items())
         by_set: dict[Label, str] = {}
-        for label, kind in symmetries:
+        for label, symmetry in dict(self.symmetries).items():
             if label not in self.space.set_sizes:
                 raise ValueError(f"neuron set {label!r} is not in the weight space")
-            if kind not in SYMMETRIES:
-                raise ValueError(f"neuron set {label!r}: unknown symmetry {kind!r}; expected one of {SYMMETRIES}")
-            if kind != "perm":
-                by_set[label] = kind
+            if symmetry not in SYMMETRIES:
+                raise ValueError(f"neuron set {label!r}: unknown symmetry {symmetry!r}; expected one of {SYMMETRIES}")
+            if symmetry != "perm":
+                by_set[label] = symmetry
         object.__setattr__(self, "symmetries", tuple(by_set.items()))
         object.__setattr__(self, "_by_set", by_set)
         exponents = self.exponents
@@ -90,9 +89,10 @@ class MonomialSpec:
         """The spec whose group is the permutation group of ``space``: no set admits more."""
         return cls(space)
 
-    def only(self, *kinds: str) -> MonomialSpec:
-        """The spec keeping only the symmetries of these kinds (e.g. ``"sign"``): a subgroup."""
-        return MonomialSpec(self.space, tuple((s, k) for s, k in self.symmetries if k in kinds), self.exponents)
+    def only(self, *symmetries: str) -> MonomialSpec:
+        """The spec keeping only these symmetries (e.g. ``"sign"``): a subgroup."""
+        kept = tuple((label, symmetry) for label, symmetry in self.symmetries if symmetry in symmetries)
+        return MonomialSpec(self.space, kept, self.exponents)
 
     def symmetry(self, label: Label) -> str:
         """``"perm"``, ``"sign"`` or ``"scale"``: what ``label`` admits beyond permutations."""
@@ -118,10 +118,10 @@ class MonomialSpec:
         Decides which activations commute with the group on that tensor: any; odd ones; positively
         homogeneous ones; only the identity.
         """
-        kinds = {self._by_set[label] for label, _ in self.characters[index]}
-        if not kinds:
+        symmetries = {self._by_set[label] for label, _ in self.characters[index]}
+        if not symmetries:
             return "none"
-        return kinds.pop() if len(kinds) == 1 else "both"
+        return symmetries.pop() if len(symmetries) == 1 else "both"
 
     def random_element(
         self, generator: torch.Generator | None = None, log10_scale: float = 3.0
@@ -131,10 +131,10 @@ class MonomialSpec:
         perm = self.space.random_permutation(generator)
         factors = {}
         for label, n in self.space.set_sizes.items():
-            kind = self._by_set.get(label, "perm")
-            if kind == "sign":
+            symmetry = self._by_set.get(label, "perm")
+            if symmetry == "sign":
                 factors[label] = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
-            elif kind == "scale":
+            elif symmetry == "scale":
                 u = torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1
                 factors[label] = torch.exp(u * (log10_scale * math.log(10.0)))
             else:
@@ -175,7 +175,7 @@ def sign_scale_invariants(
     """
     mono = as_monomial(spec)
     xs = list(xs)
-    pending = [label for label, kind in mono.symmetries if kind == "scale"]
+    pending = [label for label, symmetry in mono.symmetries if symmetry == "scale"]
     while pending:
         for label in pending:
             ready = [

@@ -35,14 +35,6 @@ class Kind:
     n_labelled: int
     has_fixed: bool
 
-    @property
-    def name(self) -> str:
-        return "T" * self.n_labelled + ("F" if self.has_fixed else "")
-
-    @property
-    def ndim(self) -> int:
-        return self.n_labelled + int(self.has_fixed)
-
     def subsets(self) -> tuple[tuple[int, ...], ...]:
         """Nonempty subsets of the labelled axes, the pooled terms of an NF-layer."""
         axes = range(self.n_labelled)
@@ -165,10 +157,6 @@ class WeightSpaceSpec:
         if len(names) != len(shapes):
             raise ValueError(f"{len(names)} names for {len(shapes)} tensors")
         return cls(tuple(TensorSpec.independent(s, n) for s, n in zip(shapes, names)))
-
-    def subset(self, indices: Sequence[int]) -> WeightSpaceSpec:
-        """The weight space of some of the tensors (a sub-space keeps every label it had)."""
-        return WeightSpaceSpec(tuple(self.tensors[i] for i in indices))
 
     @cached_property
     def set_members(self) -> dict[Label, tuple[tuple[int, int], ...]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meta_train.tasks import TaskConfig, held_out_properties
+from nfopt.io import save_rule
 
 from benchmarks.sign_symmetry import compare, markdown, tanh_tasks
 
@@ -19,7 +20,7 @@ def test_comparison_runs_both_rules_on_the_same_tasks(tmp_path):
     paths = {}
     for name, flips in (("sign", True), ("perm", False)):
         paths[name] = str(tmp_path / f"{name}.nfopt")
-        open_rule(sign_flips=flips).save(paths[name])
+        save_rule(open_rule(sign_flips=flips), paths[name])
     task = TaskConfig("digits", "mlp", depth=1, width=16, activation="tanh", horizon=6, name="tiny")
     rows = compare([task], 2, paths)
     assert len(rows[0]["losses"]["sign"]) == 2 and rows[0]["mean"]["sign"] != rows[0]["mean"]["perm"]

@@ -254,12 +254,12 @@ def test_inferred_symmetries_hold_on_the_zoo(name: str) -> None:
 # ---- the check has teeth ------------------------------------------------------------------------
 
 
-def claim(lab: MonomialLabelling, name: str, kind: str, exponents: dict[str, tuple[int, ...]] | None = None):
-    """The labelling with the set of ``name``'s axis 0 claimed to admit ``kind``."""
+def claim(lab: MonomialLabelling, name: str, symmetry: str, exponents: dict[str, tuple[int, ...]] | None = None):
+    """The labelling with the set of ``name``'s axis 0 claimed to admit ``symmetry``."""
     space = lab.labelling.params
     label = next(t.axes[0] for t in space.tensors if t.name == name)
     rows = [exponents.get(t.name, row) if exponents else row for t, row in zip(space.tensors, lab.params.exponents)]
-    return MonomialLabelling(MonomialSpec(space, ((label, kind),), tuple(rows)), lab.labelling)
+    return MonomialLabelling(MonomialSpec(space, ((label, symmetry),), tuple(rows)), lab.labelling)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Labelling: inferred coupled sets are symmetries of the model, found where expected, and checked."""
+"""The permutation labelling API: inferred coupled sets are symmetries of the model, found where
+expected, given by hand, applied and checked."""
 
 from __future__ import annotations
 
@@ -14,16 +15,12 @@ from nfopt.labelling.permutation import (
     invariance_error,
     label_explicit,
     label_model,
-    param_spec,
     permute_model_,
 )
 from nfopt.weight_space import WeightSpaceSpec
 
-from ..zoo import ZOO, UntraceableRoot
-
-TOL = 1e-10
-
-Axis = tuple[str, int]
+from ..zoo import ZOO
+from .labels import TOL, Axis, assert_couplings, inferred, label_of
 
 EXPECTED: dict[str, tuple[list[list[Axis]], list[Axis]]] = {
     # model: (groups of axes that must share one coupled set, axes that must be in no coupled set)
@@ -127,21 +124,9 @@ EXPECTED: dict[str, tuple[list[list[Axis]], list[Axis]]] = {
 }
 
 
-def label_of(lab: ModelLabelling, name: str, axis: int) -> object:
-    for t in lab.params.tensors + lab.buffers.tensors:
-        if t.name == name:
-            return t.axes[axis]
-    raise KeyError(name)
-
-
 def axes_of(lab: ModelLabelling) -> dict[str, tuple]:
     """The labelling as label_explicit takes it."""
     return {t.name: t.axes for t in lab.params.tensors + lab.buffers.tensors}
-
-
-def inferred(name: str, shaped: bool = True) -> tuple[nn.Module, torch.Tensor, ModelLabelling]:
-    model, x = ZOO[name]()
-    return model, x, label_model(model, (x,) if shaped else None)
 
 
 def test_every_zoo_model_has_expectations() -> None:
@@ -165,14 +150,7 @@ def test_inferred_labelling_leaves_outputs_unchanged(name: str, shaped: bool) ->
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_inferred_couplings_are_the_expected_ones(name: str) -> None:
     _, _, lab = inferred(name)
-    groups, alone = EXPECTED[name]
-    for group in groups:
-        labels = {label_of(lab, n, a) for n, a in group}
-        assert len(labels) == 1, f"{name}: {group} should share one set, got {labels}"
-        assert labels.pop() in lab.coupled_sets
-    for n, a in alone:
-        assert label_of(lab, n, a) not in lab.coupled_sets, f"{name}: {n} axis {a} must not be coupled"
-    assert len({label_of(lab, *group[0]) for group in groups}) == len(groups), "expected groups must be distinct sets"
+    assert_couplings(lab, *EXPECTED[name], what=name)
 
 
 def test_without_inputs_shape_free_couplings_remain() -> None:
@@ -261,7 +239,7 @@ def test_every_parameter_and_buffer_listed_in_order(name: str) -> None:
     model, x, lab = inferred(name)
     assert [(t.name, t.shape) for t in lab.params.tensors] == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     assert [t.name for t in lab.buffers.tensors] == [n for n, _ in model.named_buffers()]
-    assert param_spec(model, (x,)) == lab.params
+    assert label_model(model, (x,)).params == lab.params
 
 
 def test_labelling_leaves_the_model_as_it_was() -> None:
@@ -277,47 +255,6 @@ def test_tied_parameter_listed_once() -> None:
     model, _, lab = inferred("weight_tying")
     assert [t.name for t in lab.params.tensors] == ["emb.weight", "fc.weight", "fc.bias"]
     assert model.out.weight is model.emb.weight
-
-
-# ---- untraceable models -------------------------------------------------------------------------
-
-
-def test_untraceable_root_without_inputs_warns_and_couples_nothing() -> None:
-    model, _ = ZOO["untraceable_root"]()
-    with pytest.warns(UserWarning, match="cannot be traced"):
-        lab = label_model(model)
-    assert lab.coupled_sets == {}
-
-
-class ReachesIntoChild(UntraceableRoot):
-    """Uses a child's weight outside the child's forward: that weight must not couple."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + x @ self.body[0].weight.T.sum(1, keepdim=True)
-
-
-def test_parameter_used_outside_its_child_is_not_coupled() -> None:
-    model = ReachesIntoChild().double()
-    x = torch.randn(4, 5, dtype=torch.float64)
-    lab = label_model(model, (x,))
-    assert label_of(lab, "body.0.weight", 0) not in lab.coupled_sets
-    assert label_of(lab, "body.0.bias", 0) not in lab.coupled_sets
-    assert invariance_error(model, lab, (x,)) < TOL
-
-
-def test_failed_shape_propagation_warns_and_stays_correct() -> None:
-    model, x = ZOO["mlp_batchnorm"]()
-    with pytest.warns(UserWarning, match="could not run"):
-        lab = label_model(model, (x.float(),))  # float32 input to a float64 model
-    assert label_of(lab, "bn.weight", 0) not in lab.coupled_sets
-    assert invariance_error(model, lab, (x,)) < TOL
-
-
-def test_hooked_module_is_not_trusted() -> None:
-    model, x = ZOO["mlp2_tanh"]()
-    model[1].register_forward_hook(lambda m, args, out: out.flip(-1))
-    lab = label_model(model, (x,))
-    assert lab.coupled_sets == {}
 
 
 # ---- explicit labellings and bad input ----------------------------------------------------------

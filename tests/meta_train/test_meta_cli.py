@@ -14,7 +14,7 @@ import torch
 
 from meta_train.cli import main
 from meta_train.trainer import OPERATIONAL_FIELDS, MetaConfig
-from nfopt.optim.rule import LearnedUpdate
+from nfopt.io import load_rule
 from nfopt.optim.optimizer import NFNOptimizer, default_checkpoint_path
 
 
@@ -26,7 +26,7 @@ COMMITTED = ROOT / "meta_train" / "configs" / "default.json"
 def test_shipped_default_is_the_committed_config_meta_trained():
     """The rule in the wheel is what ``--config meta_train/configs/default.json`` produces: same
     training config (bar where files go), same number of meta-steps, and the same rule config."""
-    rule = LearnedUpdate.load(default_checkpoint_path())
+    rule = load_rule(default_checkpoint_path())
     prov = rule.provenance
     committed = MetaConfig.from_dict(json.loads(COMMITTED.read_text()))
     shipped = MetaConfig.from_dict(prov["config"])
@@ -42,7 +42,7 @@ def test_shipped_default_is_the_committed_config_meta_trained():
 def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path):
     out = tmp_path / "rule.nfopt"
     main(["--config", SMOKE, "--set", "seed=3", "--out", str(out), "--log-dir", str(tmp_path / "tb")])
-    rule = LearnedUpdate.load(out)
+    rule = load_rule(out)
     prov = rule.provenance
     assert prov["meta_steps"] == 6 and prov["seed"] == 3 and prov["config"]["tasks_per_step"] == 2
     assert prov["inner_steps"] > 0 and prov["inner_steps_per_s"] > 0 and "--set seed=3" in prov["command"]
@@ -97,7 +97,7 @@ def test_a_run_killed_and_resumed_ends_like_one_never_stopped(tmp_path):
 
     main([*args, "--out", str(killed), "--resume"])
     main([*args, "--out", str(tmp_path / "whole.nfopt")])
-    resumed, whole = LearnedUpdate.load(killed), LearnedUpdate.load(tmp_path / "whole.nfopt")
+    resumed, whole = load_rule(killed), load_rule(tmp_path / "whole.nfopt")
     assert resumed.provenance["meta_steps"] == whole.provenance["meta_steps"] == 14
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from meta_train import datasets
-from meta_train.datasets import DATASETS, load_dataset
+from meta_train.datasets import DATASETS, IMAGE_DATASETS, load_dataset
 from meta_train.task_models import WIDTH_RANGE
 from meta_train.tasks import (
     HELD_OUT,
@@ -68,9 +68,11 @@ def test_dataset_loads_standardised_and_consistent(name):
     assert load_dataset(name) is d  # cached
 
 
-def test_digits_are_images():
-    d = load_dataset("digits")
-    assert d.is_image and d.input_shape == (1, 8, 8) and d.n_outputs == 10
+def test_image_datasets_are_exactly_those_with_image_inputs():
+    """A CNN task may only draw a dataset whose inputs are (C, H, W) images."""
+    assert {name for name in DATASETS if len(load_dataset(name).input_shape) == 3} == set(IMAGE_DATASETS)
+    digits = load_dataset("digits")
+    assert digits.input_shape == (1, 8, 8) and digits.n_outputs == 10
 
 
 @pytest.mark.parametrize("name", ["digits", "teacher", "gaussian_mixture"])
@@ -146,9 +148,9 @@ def test_shapes(config):
     loss, _ = task.loss(params, task.buffers(), x, y)
     assert loss.shape == () and torch.isfinite(loss)
     if config.arch == "cnn":
-        kinds = {type(m).__name__ for m in task.model.modules()}
-        assert {"Conv2d", "AdaptiveAvgPool2d", "Linear"} <= kinds
-        assert ("BatchNorm2d" in kinds) == config.batchnorm
+        module_types = {type(m).__name__ for m in task.model.modules()}
+        assert {"Conv2d", "AdaptiveAvgPool2d", "Linear"} <= module_types
+        assert ("BatchNorm2d" in module_types) == config.batchnorm
     else:
         assert sum(isinstance(m, torch.nn.Linear) for m in task.model.modules()) == config.depth + 1
 
@@ -234,27 +236,24 @@ def test_buffers_reused_across_steps_keep_autograd_valid():
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_metrics_in_eval_mode():
+def test_metrics_are_the_test_split_loss_and_accuracy_in_eval_mode():
     task = Task(CNN_BN)
-    params, buffers = task.init_params(seeded(0)), task.buffers()
+    params = task.init_params(seeded(0))
+    _, buffers = task.loss(params, task.buffers(), *task.sample_batch(seeded(0)))  # running statistics that moved
+    module = task.build_module(seeded(0))
+    module.load_state_dict({**params, **buffers})
+    with torch.no_grad():
+        output = module.eval()(task.dataset.x_test)
+    y = task.dataset.y_test
     metrics = task.test_metrics(params, buffers)
-    assert set(metrics) == {"loss", "accuracy"} and 0 <= metrics["accuracy"] <= 1
-    _, trained_buffers = task.loss(params, buffers, *task.sample_batch(seeded(0)))
-    assert task.test_metrics(params, trained_buffers)["loss"] != metrics["loss"]  # running stats are used
+    assert set(metrics) == {"loss", "accuracy"}
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(output, y).item(), rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx((output.argmax(1) == y).double().mean().item(), abs=0.5 / len(y))
+    assert task.test_metrics(params, task.buffers())["loss"] != metrics["loss"]  # the running statistics are used
     regression = Task(REGRESSION)
     assert set(regression.test_metrics(regression.init_params(seeded(0)), {})) == {"loss"}
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU slows two-thread runs badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize(
     "config, steps, lr, ratio",
     [(MLP_DIGITS, 200, 1e-2, 0.01), (CNN_BN, 300, 2e-2, 0.4), (REGRESSION, 300, 1e-2, 0.25)],

@@ -40,9 +40,9 @@ def features(shape: NetworkShape, seed: int = 0, channels: int = C_IN) -> Weight
     return WeightSpaceBatch.randn(shape, 2, channels, dtype=torch.float64, generator=g)
 
 
-def make_layer(kind: str, shape: NetworkShape) -> nn.Module:
+def make_layer(variant: str, shape: NetworkShape) -> nn.Module:
     torch.manual_seed(0)
-    return LAYERS[kind](shape, C_IN, C_OUT).double()
+    return LAYERS[variant](shape, C_IN, C_OUT).double()
 
 
 def nontrivial_perm(n: int, g: torch.Generator) -> torch.Tensor:
@@ -78,10 +78,10 @@ def equivariance_gap(layer: nn.Module, x: WeightSpaceBatch, act, skip: tuple[str
 
 
 @pytest.mark.parametrize("shape_name", SHAPES)
-@pytest.mark.parametrize("kind", LAYERS)
-def test_equivariant_to_hidden_permutations(kind: str, shape_name: str) -> None:
+@pytest.mark.parametrize("variant", LAYERS)
+def test_equivariant_to_hidden_permutations(variant: str, shape_name: str) -> None:
     shape = SHAPES[shape_name]
-    layer, x = make_layer(kind, shape), features(shape)
+    layer, x = make_layer(variant, shape), features(shape)
     perms = perms_of(shape, hidden(shape))
     assert equivariance_gap(layer, x, lambda ws: ws.permute(perms)) < TOL
     if perms:  # the permutation really moves the output, so the check above is not vacuous
@@ -95,15 +95,15 @@ def test_np_is_equivariant_to_input_and_output_permutations_and_hnp_is_not(shape
     perms = perms_of(shape, range(len(shape.widths)))
     assert equivariance_gap(make_layer("np", shape), x, lambda ws: ws.permute(perms)) < TOL
     for end in (0, shape.num_layers):
-        for kind in ("np_io", "hnp"):  # these index the input and output neurons
-            gap_ = equivariance_gap(make_layer(kind, shape), x, lambda ws: ws.permute({end: perms[end]}))
-            assert gap_ > 1e-3, (kind, end)
+        for variant in ("np_io", "hnp"):  # these index the input and output neurons
+            gap_ = equivariance_gap(make_layer(variant, shape), x, lambda ws: ws.permute({end: perms[end]}))
+            assert gap_ > 1e-3, (variant, end)
 
 
-@pytest.mark.parametrize("kind", LAYERS)
-def test_kernel_offsets_are_indexed(kind: str) -> None:
+@pytest.mark.parametrize("variant", LAYERS)
+def test_kernel_offsets_are_indexed(variant: str) -> None:
     shape = SHAPES["cnn"]
-    layer, x = make_layer(kind, shape), features(shape)
+    layer, x = make_layer(variant, shape), features(shape)
     flip = lambda ws: WeightSpaceBatch((ws.weights[0].flip(-1),) + ws.weights[1:], ws.biases)
     assert equivariance_gap(layer, x, flip) > 1e-3
 
@@ -121,10 +121,10 @@ def partial_permute(ws: WeightSpaceBatch, j: int, perm: torch.Tensor, skip: tupl
 
 
 @pytest.mark.parametrize("shape_name", ["mlp4", "cnn"])
-@pytest.mark.parametrize("kind", LAYERS)
-def test_broken_coupling_breaks_equivariance(kind: str, shape_name: str) -> None:
+@pytest.mark.parametrize("variant", LAYERS)
+def test_broken_coupling_breaks_equivariance(variant: str, shape_name: str) -> None:
     shape = SHAPES[shape_name]
-    layer, x = make_layer(kind, shape), features(shape)
+    layer, x = make_layer(variant, shape), features(shape)
     for j in hidden(shape):
         perm = perms_of(shape, range(j, j + 1))[j]
         # neuron layer j indexes the rows of W_j (weights[j-1]), b_j (biases[j-1]), the columns of W_{j+1}
@@ -141,10 +141,14 @@ def test_pools(shape_name: str) -> None:
     all_perms = perms_of(shape, range(len(shape.widths)))
     k = [math.prod(kernel) for kernel in shape.kernels]
     n_in, n_out = shape.widths[0], shape.widths[-1]
-    for reduce in ("mean", "max", "sum"):
+    reductions = {"mean": torch.mean, "max": torch.amax, "sum": torch.sum}
+    for reduce, op in reductions.items():
         np_pool, hnp_pool = NPPool(shape, C_IN, reduce), HNPPool(shape, C_IN, reduce)
         out = np_pool(x)
-        assert out.shape == (2, np_pool.out_features) and np_pool.out_features == C_IN * sum(ki + 1 for ki in k)
+        # NP: each weight over its two neuron axes (kernel offsets kept, channel-major), each bias over its one
+        expected = [op(w, dim=(2, 3)).reshape(2, -1) for w in x.weights] + [op(b, dim=2) for b in x.biases]
+        assert torch.allclose(out, torch.cat(expected, dim=1), rtol=1e-12, atol=1e-14)
+        assert np_pool.out_features == C_IN * sum(ki + 1 for ki in k)
         assert torch.allclose(np_pool(x.permute(all_perms)), out, atol=TOL)
         out = hnp_pool(x)
         assert out.shape == (2, hnp_pool.out_features)
@@ -155,13 +159,13 @@ def test_pools(shape_name: str) -> None:
         assert hnp_pool.out_features == C_IN * (n_in * k[0] + 1 + middle + n_out * k[-1] + n_out)
 
 
-@pytest.mark.parametrize("kind", ["np_io", "hnp"])
-def test_gradients_reach_every_parameter(kind: str) -> None:
+@pytest.mark.parametrize("variant", ["np_io", "hnp"])
+def test_gradients_reach_every_parameter(variant: str) -> None:
     shape = SHAPES["cnn"]
-    pool_cls = NPPool if kind.startswith("np") else HNPPool
+    pool_cls = NPPool if variant.startswith("np") else HNPPool
     torch.manual_seed(0)
     pool = pool_cls(shape, 4)
-    make = lambda c_in, c_out: LAYERS[kind](shape, c_in, c_out)
+    make = lambda c_in, c_out: LAYERS[variant](shape, c_in, c_out)
     net = nn.Sequential(
         make(C_IN, 5), PointwiseActivation(torch.tanh), make(5, 4), pool, nn.Linear(pool.out_features, 1)
     )

@@ -10,12 +10,21 @@ from nfopt.optim.features import FeatureConfig, adam_direction, features, init_s
 CFG = FeatureConfig()
 
 
-def run(grads, p):
+def run(grads: list[torch.Tensor], p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics of ``p`` after seeing ``grads``."""
     state = init_state(p, CFG)
     one = torch.ones((), dtype=p.dtype)
     for g in grads:
         state = update_statistics(g, state, CFG, one)
     return state
+
+
+def ewma(values: list[torch.Tensor], decay: float) -> torch.Tensor:
+    """decay·m + (1 - decay)·x over ``values``, from zero."""
+    m = torch.zeros_like(values[0])
+    for x in values:
+        m = decay * m + (1 - decay) * x
+    return m
 
 
 def test_statistics_match_their_definitions():
@@ -24,14 +33,8 @@ def test_statistics_match_their_definitions():
     grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(6)]
     state = run(grads, p)
     for i, decay in enumerate(CFG.momentum_decays):
-        m = torch.zeros_like(p)
-        for g in grads:
-            m = decay * m + (1 - decay) * g
-        assert torch.allclose(state["momenta"][i], m)
-    v = torch.zeros_like(p)
-    for g in grads:
-        v = CFG.beta2 * v + (1 - CFG.beta2) * g * g
-    assert torch.allclose(state["v"], v)
+        assert torch.allclose(state["momenta"][i], ewma(grads, decay))
+    assert torch.allclose(state["v"], ewma([g * g for g in grads], CFG.beta2))
     assert state["step"].item() == 6
 
 
@@ -43,7 +46,7 @@ def test_held_statistics_do_not_move():
         assert torch.equal(held[k], state[k])
 
 
-def normalise(x):
+def normalise(x: torch.Tensor) -> torch.Tensor:
     return x * inverse_rms(x, CFG.rms_eps).reshape(-1, 1, 1)
 
 
@@ -57,16 +60,42 @@ def test_rms_normalisation_is_scale_free_and_finite_at_zero():
     assert torch.isfinite(zero.grad).all()
 
 
-def test_features_shape_and_horizon_free_context():
-    p = torch.randn(6, 2)
-    state = run([torch.randn(6, 2) for _ in range(3)], p)
+def test_features_are_the_documented_channels_and_context():
+    """p, g, each momentum, sqrt(v̂), Adam's direction m̂/(sqrt(v̂)+eps); the inverse RMS of each over
+    the tensor; context tanh(t/s) and the log-RMS of p: a function of the step count and p alone, no horizon."""
+    torch.manual_seed(0)
+    p = torch.randn(6, 2, dtype=torch.float64)
+    grads = [torch.randn(6, 2, dtype=torch.float64) for _ in range(3)]
+    state = run(grads, p)
     u, root_v = adam_direction(state, CFG)
-    x, inv, ctx = features(p, torch.randn(6, 2), state, u, root_v, CFG)
-    assert x.shape == (CFG.channels, 6, 2) and inv.shape == (CFG.channels,)
-    assert ctx.shape == (CFG.context_channels,)
-    assert torch.allclose(ctx[: len(CFG.time_scales)], torch.tanh(3 / torch.tensor(CFG.time_scales)))
-    assert torch.isfinite(x).all()
-    assert torch.allclose(ctx[-1], 0.1 * p.square().mean().sqrt().log())
+    x, inv, ctx = features(p, grads[-1], state, u, root_v, CFG)
+
+    t = len(grads)
+    momenta = [ewma(grads, d) for d in CFG.momentum_decays]
+    v_hat = ewma([g * g for g in grads], CFG.beta2) / (1 - CFG.beta2**t)
+    m_hat = momenta[CFG.adam_momentum] / (1 - CFG.momentum_decays[CFG.adam_momentum] ** t)
+    expected = torch.stack([p, grads[-1], *momenta, v_hat.sqrt(), m_hat / (v_hat.sqrt() + CFG.eps)])
+    assert torch.allclose(x, expected, rtol=1e-10, atol=1e-14)
+    rms = (expected.reshape(CFG.channels, -1).square().mean(1) + CFG.rms_eps).sqrt()
+    assert torch.allclose(inv, 1 / rms, rtol=1e-10)
+    time_scales = torch.tensor(CFG.time_scales, dtype=torch.float64)
+    assert torch.allclose(ctx, torch.cat([torch.tanh(t / time_scales), 0.1 * rms[:1].log()]), rtol=1e-10)
+
+
+def test_adam_direction_is_the_step_of_torch_adam_at_learning_rate_one():
+    torch.manual_seed(1)
+    p = torch.randn(5, 3, dtype=torch.float64)
+    q = p.clone().requires_grad_()
+    adam = torch.optim.Adam([q], lr=1.0, betas=(CFG.momentum_decays[CFG.adam_momentum], CFG.beta2), eps=CFG.eps)
+    state = init_state(p, CFG)
+    for _ in range(5):
+        g = torch.randn(5, 3, dtype=torch.float64)
+        state = update_statistics(g, state, CFG, torch.ones((), dtype=p.dtype))
+        u, _ = adam_direction(state, CFG)
+        before = q.detach().clone()
+        q.grad = g
+        adam.step()
+        assert torch.allclose(before - q.detach(), u, rtol=1e-9, atol=1e-12)
 
 
 def test_adam_direction_at_step_zero_is_zero():

@@ -1,17 +1,19 @@
-"""NFNOptimizer as a torch.optim.Optimizer: Adam at initialisation, groups, schedulers, state, bad input."""
+"""NFNOptimizer as a torch.optim.Optimizer: Adam at initialisation, groups, schedulers, state, bad
+input, the rule it steps with, and the labellings it accepts."""
 
 from __future__ import annotations
 
 import copy
 import io
+import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from nfopt import NFNOptimizer
-from nfopt.optim.rule import LearnedUpdate
+from nfopt import NFNOptimizer, label_model, label_monomial
+from nfopt.optim.features import FeatureConfig
 
 from ..rules import fresh_rule, open_rule
 
@@ -48,19 +50,29 @@ def test_fresh_rule_is_adam(lr_mult, weight_decay):
     assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), mlp().parameters())) > 1e-3
 
 
+def teacher_batch(g: torch.Generator, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs labelled by a fixed linear teacher: a task whose held-out loss can fall."""
+    teacher = torch.randn(6, 3, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(n, 6, generator=g)
+    return x, (x @ teacher).argmax(1)
+
+
 def test_default_checkpoint_loads_and_trains():
+    """The shipped rule, on fresh minibatches, lowers the loss on examples it never saw."""
     model = mlp()
     opt = NFNOptimizer(model.parameters())
-    x, y = batch(0)
-    losses = []
-    for _ in range(30):
+    assert opt.rule.provenance.get("config"), "the shipped checkpoint records how it was meta-trained"
+    held_out = teacher_batch(torch.Generator().manual_seed(1), 512)
+    initial = nn.functional.cross_entropy(model(held_out[0]), held_out[1]).item()
+    data = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        x, y = teacher_batch(data)
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    assert isinstance(opt.rule.provenance, dict) and opt.rule.provenance
+    with torch.no_grad():
+        final = nn.functional.cross_entropy(model(held_out[0]), held_out[1]).item()
+    assert final < 0.5 * initial
 
 
 def test_param_groups_and_scheduler_scale_the_learned_step():
@@ -89,18 +101,26 @@ def test_add_param_group():
 
 
 def test_step_returns_closure_loss():
+    """step(closure) evaluates the closure at the parameters before the step and returns its loss."""
     model = mlp()
     opt = NFNOptimizer(model.parameters(), rule=open_rule())
     x, y = batch(0)
+    with torch.no_grad():
+        before = nn.functional.cross_entropy(model(x), y)
+    calls = []
 
     def closure():
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        calls.append(loss)
         return loss
 
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert len(calls) == 1 and loss is calls[0]
+    assert loss.item() == before.item()
+    with torch.no_grad():
+        assert nn.functional.cross_entropy(model(x), y).item() != before.item()  # and then it stepped
 
 
 def test_parameters_without_gradient_are_skipped():
@@ -220,7 +240,112 @@ def test_bad_input(tmp_path):
 
 
 def test_rule_is_shared_not_trained():
+    """Optimizers given one rule step with that very object, for float32 and float64 parameters
+    alike, and stepping leaves its weights as they were, frozen."""
     rule = open_rule()
-    opt = NFNOptimizer(mlp().parameters(), rule=rule)
-    assert all(not p.requires_grad for p in opt.rule.parameters())
-    assert isinstance(opt.rule, LearnedUpdate)
+    weights = copy.deepcopy(rule.state_dict())
+    models = [mlp(), mlp(torch.float64)]
+    opts = [NFNOptimizer(m.parameters(), rule=rule) for m in models]
+    for m, opt in zip(models, opts):
+        assert opt.rule is rule
+        train(m, opt, 3)
+    for k, v in rule.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert all(not p.requires_grad and p.grad is None for p in rule.parameters())
+    rule.log_alpha.fill_(-math.inf)  # α = 0: the shared rule now leaves every parameter where it is
+    for m, opt in zip(models, opts):
+        before = [p.clone() for p in m.parameters()]
+        train(m, opt, 1, start=3)
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+
+
+def next_step_by_a_fresh_optimizer(model: nn.Module, opt: NFNOptimizer, step: int) -> list[torch.Tensor]:
+    """The parameters after one more step of ``model`` from ``opt``'s state, taken by a new
+    optimizer with a copy of ``opt.rule`` as it is now."""
+    twin = copy.deepcopy(model)
+    fresh = NFNOptimizer.for_model(twin, rule=copy.deepcopy(opt.rule))
+    fresh.load_state_dict(opt.state_dict())
+    train(twin, fresh, 1, start=step)
+    return list(twin.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("change", ["in place", "assigned"])
+def test_changing_the_rule_after_a_step_changes_the_next_step(dtype, change):
+    model = mlp(dtype)
+    opt = NFNOptimizer.for_model(model, rule=open_rule())
+    train(model, opt, 2)
+    unchanged = next_step_by_a_fresh_optimizer(model, opt, 2)
+    if change == "in place":
+        opt.rule.log_alpha.add_(1.0)
+    else:
+        opt.rule = open_rule(seed=1)
+    expected = next_step_by_a_fresh_optimizer(model, opt, 2)
+    train(model, opt, 1, start=2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), unchanged))
+
+
+def test_state_dict_fingerprint_follows_the_rule():
+    model = mlp()
+    opt = NFNOptimizer(model.parameters(), rule=open_rule())
+    train(model, opt, 2)
+    before = opt.state_dict()["rule_fingerprint"]
+    opt.rule.log_alpha.add_(1.0)
+    edited = opt.state_dict()
+    assert edited["rule_fingerprint"] != before
+    assert edited["rule_fingerprint"] == NFNOptimizer(mlp().parameters(), rule=copy.deepcopy(opt.rule)).rule_fingerprint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NFNOptimizer(model.parameters(), rule=copy.deepcopy(opt.rule)).load_state_dict(edited)
+    with pytest.warns(UserWarning, match="different learned rule"):
+        NFNOptimizer(model.parameters(), rule=open_rule()).load_state_dict(edited)
+
+
+def test_fingerprint_tells_configs_apart():
+    """Fresh rules have equal weights whatever their config; their fingerprints still differ."""
+    params = list(mlp().parameters())
+    a = NFNOptimizer(params, rule=fresh_rule(alpha=1e-3)).rule_fingerprint
+    b = NFNOptimizer(params, rule=fresh_rule(alpha=3e-3)).rule_fingerprint
+    assert a != b
+    assert a == NFNOptimizer(params, rule=fresh_rule(alpha=1e-3).double()).rule_fingerprint
+
+
+def test_assigning_a_rule_checks_it():
+    model = mlp()
+    opt = NFNOptimizer(model.parameters(), rule=open_rule())
+    with pytest.raises(TypeError, match="LearnedUpdate"):
+        opt.rule = open_rule().state_dict()
+    other = fresh_rule(features=FeatureConfig(momentum_decays=(0.9,), adam_momentum=0))
+    opt.rule = other  # before the first step any rule will do
+    assert opt.rule is other and not any(p.requires_grad for p in other.parameters())
+    train(model, opt, 1)
+    with pytest.raises(ValueError, match="other statistics"):
+        opt.rule = open_rule()
+
+
+@pytest.mark.parametrize("sign_flips", [False, True])
+def test_labelling_from_the_labellers_steps_as_for_model(sign_flips):
+    x = batch(0)[0]
+
+    def trajectory(make_opt) -> list[torch.Tensor]:
+        model = mlp()
+        train(model, make_opt(model), 5)
+        return list(model.parameters())
+
+    rule = open_rule(sign_flips=sign_flips)
+    expected = trajectory(lambda m: NFNOptimizer.for_model(m, rule=rule))
+    unlabelled = trajectory(lambda m: NFNOptimizer(m.parameters(), rule=rule))
+    assert not all(torch.equal(p, q) for p, q in zip(unlabelled, expected))  # the labelling matters
+    labellers = [label_monomial] if sign_flips else [label_model, label_monomial]
+    for labeller in labellers:
+        got = trajectory(lambda m: NFNOptimizer(m.parameters(), rule=rule, labelling=labeller(m, x)))
+        assert all(torch.equal(p, q) for p, q in zip(got, expected)), labeller.__name__
+
+
+def test_labelling_of_another_type_is_a_type_error():
+    model = mlp()
+    with pytest.raises(TypeError, match="ModelLabelling or MonomialLabelling"):
+        NFNOptimizer(model.parameters(), rule=fresh_rule(), labelling=[p.shape for p in model.parameters()])
+    with pytest.raises(TypeError, match="infers the labelling"):
+        NFNOptimizer.for_model(model, rule=fresh_rule(), labelling=label_model(model))

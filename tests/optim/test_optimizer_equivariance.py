@@ -123,7 +123,7 @@ def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips):
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     data = batches((16, 5), 30)
     labelling = label_monomial(model, (data[0][0],))
-    assert {kind for _, kind in labelling.params.symmetries} == {"sign"}
+    assert {symmetry for _, symmetry in labelling.params.symmetries} == {"sign"}
     element = labelling.random_element(torch.Generator().manual_seed(1))
     twin = copy.deepcopy(model)
     act_model_(twin, labelling, element)

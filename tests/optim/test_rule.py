@@ -1,14 +1,12 @@
-"""The learned update rule: Adam at initialisation, and checkpoints that fail loudly."""
+"""The learned update rule: Adam at initialisation, bounded steps, sign-flip equivariance.
+
+Its checkpoint files are tested with the rest of checkpoint IO, in ``tests/test_io.py``."""
 
 from __future__ import annotations
-
-import json
-import struct
 
 import pytest
 import torch
 
-from nfopt.io import CheckpointError, load_checkpoint, save_checkpoint
 from nfopt.optim.features import init_state
 from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 from nfopt.weight_space import WeightSpaceSpec
@@ -48,70 +46,6 @@ def test_meta_gradient_reaches_every_weight():
     sum(p.square().sum() for p in params).backward()
     for name, w in rule.named_parameters():
         assert w.grad is not None and w.grad.abs().sum() > 0, name
-
-
-def save_fresh(path, **cfg):
-    torch.manual_seed(0)
-    rule = LearnedUpdate(UpdateConfig(**cfg))
-    rule.save(path, provenance={"seed": 0})
-    return rule
-
-
-def test_checkpoint_round_trip(tmp_path):
-    path = tmp_path / "r.nfopt"
-    rule = save_fresh(path, hidden_channels=5, n_layers=3, activation="gelu")
-    back = LearnedUpdate.load(path)
-    assert back.config == rule.config
-    assert back.provenance == {"seed": 0}
-    for (k, a), (_, b) in zip(rule.state_dict().items(), back.state_dict().items()):
-        assert torch.equal(a, b), k
-
-
-def rewrite(path, mutate_tensors=None, mutate_meta=None):
-    tensors, meta = load_checkpoint(path)
-    if mutate_tensors:
-        mutate_tensors(tensors)
-    if mutate_meta:
-        mutate_meta(meta)
-    save_checkpoint(path, tensors, meta)
-
-
-@pytest.mark.parametrize(
-    "mutate_tensors,mutate_meta,reason",
-    [
-        (lambda t: t.pop("log_beta"), None, "missing"),
-        (lambda t: t.__setitem__("extra", torch.zeros(1)), None, "unexpected"),
-        (lambda t: t.__setitem__("log_alpha", torch.zeros(2)), None, "shape"),
-        (lambda t: t.__setitem__("log_alpha", torch.tensor(float("nan"))), None, "non-finite"),
-        (None, lambda m: m["config"].__setitem__("hidden_channels", 9), "do not match|shape"),
-        (None, lambda m: m.__setitem__("kind", "something else"), "not a learned-update"),
-        (None, lambda m: m["config"].__setitem__("activation", "swish"), "config cannot be read"),
-        (None, lambda m: m.pop("config"), "config cannot be read"),
-    ],
-)
-def test_mismatched_checkpoint_names_file_and_reason(tmp_path, mutate_tensors, mutate_meta, reason):
-    path = tmp_path / "bad.nfopt"
-    save_fresh(path)
-    rewrite(path, mutate_tensors, mutate_meta)
-    with pytest.raises(CheckpointError, match=reason) as e:
-        LearnedUpdate.load(path)
-    assert str(path) in str(e.value)
-
-
-def test_truncated_and_future_files_fail_loudly(tmp_path):
-    path = tmp_path / "r.nfopt"
-    save_fresh(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=str(path)):
-        LearnedUpdate.load(path)
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
-    header["__metadata__"]["format_version"] = "99"
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
-    with pytest.raises(CheckpointError, match="newer"):
-        LearnedUpdate.load(path)
 
 
 def test_bad_config():

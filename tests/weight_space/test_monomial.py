@@ -76,6 +76,19 @@ def test_invariants_are_invariant_and_permute_along(spec):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_invariants_of_an_mlp_by_hand():
+    """Scalings: each hidden neuron's incoming weights and bias are divided by their RMS and its outgoing
+    weights multiplied by it. Sign flips: absolute values. Tensors that only permute stay as they are."""
+    xs = random_features(mlp_spec([2, 3, 2]), 2)
+    w0, b0, w1, b1 = xs
+    rms = ((w0.square().sum(2) + b0.square()) / 3).sqrt()  # (channel, neuron of s1): 2 weights and a bias each
+    expected = [w0 / rms[:, :, None], b0 / rms, w1 * rms[:, None, :], b1]
+    for got, want in zip(sign_scale_invariants(monomial_mlp_spec([2, 3, 2], "scale"), xs), expected, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    signs = sign_scale_invariants(monomial_mlp_spec([2, 3, 2], "sign"), xs)
+    assert all(torch.equal(got, want) for got, want in zip(signs, [w0.abs(), b0.abs(), w1.abs(), b1], strict=True))
+
+
 def test_invariants_refuse_scalings_they_cannot_undo():
     space = WeightSpaceSpec((TensorSpec((3, 3), ("a", "a"), "square"),))
     with pytest.raises(ValueError, match="cannot undo the scalings"):
