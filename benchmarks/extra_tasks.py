@@ -1,6 +1,6 @@
 """Benchmark tasks outside the meta-training distribution: architectures it never contains.
 
-Meta-training sees plain MLPs and CNNs (``meta_train.task_models``). These tasks test whether the
+Meta-training sees plain MLPs and CNNs (``meta_train.tasks.models``). These tasks test whether the
 learned optimizer transfers to structures it has never stepped:
 
 - ``residual_mlp``: a deep pre-LayerNorm residual MLP (6 blocks) on digits: skip connections tie
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meta_train.datasets import Dataset, load_dataset
+from meta_train.tasks.data import Dataset, load_dataset
 from meta_train.tasks import Params, Task
 
 RESIDUAL_WIDTH = 64

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
-from meta_train.datasets import load_dataset
+from meta_train.tasks.data import load_dataset
 from nfopt.weight_space import MonomialElement, MonomialSpec
 from nfopt.nn.nfn import NFN, InvariantPool
 from nfopt.weight_space import TensorSpec, WeightSpaceSpec

@@ -31,7 +31,7 @@ from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 from . import checkpointing
 from .distributed import Group
 from .init_rule import init_rule
-from .task_models import ACTIVATIONS
+from .tasks.models import ACTIVATIONS
 from .tasks import TaskConfig, sample_task_config
 from .unroll import LOSS_EPS, InnerRun
 

@@ -1,4 +1,4 @@
-"""Tests of the task distribution: datasets, task configs, functional losses, and the held-out split."""
+"""Task configs and built tasks: validation, seeded init and batches, functional losses and metrics."""
 
 from __future__ import annotations
 
@@ -7,21 +7,10 @@ import json
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
-from meta_train import datasets
-from meta_train.datasets import DATASETS, IMAGE_DATASETS, load_dataset
-from meta_train.task_models import WIDTH_RANGE
-from meta_train.tasks import (
-    HELD_OUT,
-    SAMPLED_WIDTHS,
-    Task,
-    TaskConfig,
-    held_out_properties,
-    sample_task_config,
-)
+from meta_train.tasks import HELD_OUT, Task, TaskConfig, sample_task_config
 
 MLP_DIGITS = TaskConfig("digits", "mlp", depth=2, width=32, batch_size=64)
 CNN_BN = TaskConfig("digits", "cnn", depth=2, width=8, batchnorm=True, batch_size=32)
@@ -41,56 +30,6 @@ def grads_of(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, t
 
 def trainable(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.requires_grad_() for k, v in params.items()}
-
-
-# --- datasets ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", DATASETS)
-def test_dataset_loads_standardised_and_consistent(name):
-    d = load_dataset(name)
-    assert d.x_train.dtype == torch.float32 and d.x_test.dtype == torch.float32
-    assert len(d.x_train) == len(d.y_train) > len(d.x_test) == len(d.y_test) > 0
-    assert d.x_test.shape[1:] == d.x_train.shape[1:]
-    assert torch.isfinite(d.x_train).all() and torch.isfinite(d.x_test).all()
-    columns = d.x_train.reshape(len(d.x_train), -1)
-    std = columns.std(dim=0, unbiased=False)
-    varying = std > 1e-6
-    assert varying.sum() >= columns.shape[1] * 0.9  # digits has a few always-blank pixels
-    assert columns.mean(dim=0).abs().max() < 1e-4
-    assert torch.allclose(std[varying], torch.ones(()), atol=1e-4)
-    if d.is_classification:
-        assert d.y_train.dtype == torch.int64
-        assert set(d.y_train.tolist()) == set(range(d.n_outputs))
-    else:
-        assert d.y_train.dtype == torch.float32 and d.y_train.shape == (len(d.x_train), d.n_outputs)
-        assert torch.isfinite(d.y_train).all()
-    assert load_dataset(name) is d  # cached
-
-
-def test_image_datasets_are_exactly_those_with_image_inputs():
-    """A CNN task may only draw a dataset whose inputs are (C, H, W) images."""
-    assert {name for name in DATASETS if len(load_dataset(name).input_shape) == 3} == set(IMAGE_DATASETS)
-    digits = load_dataset("digits")
-    assert digits.input_shape == (1, 8, 8) and digits.n_outputs == 10
-
-
-@pytest.mark.parametrize("name", ["digits", "teacher", "gaussian_mixture"])
-def test_dataset_deterministic_from_seed(name):
-    build = datasets._arrays.__wrapped__  # bypass the cache to rebuild from scratch
-    a, b, c = build(name, 3), build(name, 3), build(name, 4)
-    np.testing.assert_array_equal(a.x_train, b.x_train)
-    np.testing.assert_array_equal(a.y_train, b.y_train)
-    assert not np.array_equal(a.x_train, c.x_train)
-
-
-def test_dataset_dtype_and_unknown_name():
-    assert load_dataset("iris", dtype=torch.float64).x_train.dtype == torch.float64
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        load_dataset("mnist")
-
-
-# --- configs ----------------------------------------------------------------------------------
 
 
 def test_config_round_trips_through_json():
@@ -275,61 +214,3 @@ def test_adam_on_module_reduces_training_loss(config, steps, lr, ratio):
         task.criterion(module(x), y).backward()
         opt.step()
     assert full_loss() < ratio * before
-
-
-# --- the train / held-out split -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("make_rng", [random.Random, np.random.default_rng], ids=["random", "numpy"])
-def test_train_split_never_produces_held_out_properties(make_rng):
-    rng = make_rng(0)
-    configs = [sample_task_config(rng) for _ in range(2000)]
-    held_out_names = {c.name for c in HELD_OUT}
-    for c in configs:
-        assert c.dataset != "wine"
-        assert c.width not in {"mlp": (40, 128), "cnn": (12, 32)}[c.arch]
-        assert not (c.arch == "mlp" and c.depth == 4 and c.activation == "gelu")
-        assert c.data_seed < 8
-        assert held_out_properties(c) == () and c.name not in held_out_names
-        assert 16 <= c.batch_size <= 128 and 0.5 <= c.init_scale <= 2.0 and 200 <= c.horizon <= 1000
-    # the distribution is not degenerate: every train value of each property occurs
-    assert {c.dataset for c in configs} == set(DATASETS) - {"wine"}
-    assert {c.activation for c in configs} == {"relu", "tanh", "gelu"}
-    assert {(c.arch, c.batchnorm) for c in configs} == {("mlp", False), ("cnn", False), ("cnn", True)}
-    assert {c.width for c in configs if c.arch == "mlp"} == {16, 24, 32, 48, 64, 96}
-    assert {c.depth for c in configs if c.arch == "cnn"} == {1, 2, 3}
-
-
-def test_held_out_tasks():
-    assert len({c.name for c in HELD_OUT}) == len(HELD_OUT) and all(c.name for c in HELD_OUT)
-    assert any(c.arch == "cnn" for c in HELD_OUT)
-    for c in HELD_OUT:
-        assert held_out_properties(c), c.name
-        task = Task(c)
-        loss, _ = task.loss(task.init_params(seeded(0)), task.buffers(), *task.sample_batch(seeded(0)))
-        assert torch.isfinite(loss)
-    for arch, widths in SAMPLED_WIDTHS.items():
-        assert all(WIDTH_RANGE[arch][0] <= w <= WIDTH_RANGE[arch][1] for w in widths)
-
-
-def test_sampling_deterministic_split_and_ranges():
-    assert [sample_task_config(random.Random(7)) for _ in range(3)] == [sample_task_config(random.Random(7))] * 3
-    rng = random.Random(0)
-    assert sample_task_config(rng) != sample_task_config(rng)
-    held = [sample_task_config(rng, split="held_out", horizon_range=(10, 20)) for _ in range(200)]
-    assert all(held_out_properties(c) and 10 <= c.horizon <= 20 for c in held)
-    assert {c.horizon for c in held} == set(range(10, 21))
-    with pytest.raises(ValueError, match="unknown split"):
-        sample_task_config(rng, split="test")
-    with pytest.raises(ValueError, match="horizon_range"):
-        sample_task_config(rng, horizon_range=(100, 10))
-
-
-def test_activation_narrows_the_distribution_and_keeps_the_split():
-    plain = [sample_task_config(random.Random(s)) for s in range(30)]
-    tanh = [sample_task_config(random.Random(s), activation="tanh") for s in range(30)]
-    assert all(c.activation == "tanh" and not held_out_properties(c) for c in tanh)
-    same = [dataclasses.replace(p, activation="tanh") == t for p, t in zip(plain, tanh)]
-    assert sum(same) >= 20  # other fields as drawn, unless the split rejected the first draw
-    held = [sample_task_config(random.Random(s), "held_out", activation="tanh") for s in range(30)]
-    assert all(c.activation == "tanh" and held_out_properties(c) for c in held)

@@ -1,15 +1,10 @@
-"""The task distribution: small networks on small datasets that a learned optimizer trains.
+"""A task: small network, small dataset, seeded initialisation and minibatches.
 
 A :class:`TaskConfig` names everything about a task (data, architecture, batch size, initial
 scale, horizon, seeds) and round-trips through a plain dict for JSON logs. A :class:`Task` built
 from it gives what meta-training needs (a functional loss on parameter dicts, differentiable for
 unrolled training) and what benchmarks need (a seeded ``nn.Module`` for a regular optimizer),
 both with the same initialisation and batches.
-
-:func:`sample_task_config` draws from the meta-training distribution. Some properties are
-reserved for evaluation (:data:`HELD_OUT_SIGNATURES`): the training split never produces them,
-so :data:`HELD_OUT` and ``sample_task_config(split="held_out")`` measure generalisation to
-widths, data and combinations the optimizer was not meta-trained on.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import random
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .datasets import DATASETS, IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset
-from .task_models import ACTIVATIONS, DEPTH_RANGE, build_model, check_architecture, init_parameters
+from .data import IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset
+from .models import build_model, check_architecture, init_parameters
 
 Params = dict[str, torch.Tensor]
-Rng = random.Random | np.random.Generator
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:
@@ -188,110 +181,3 @@ class Task:
         if self.is_classification:
             metrics["accuracy"] = (output.argmax(dim=1) == self.dataset.y_test).float().mean().item()
         return metrics
-
-
-# --- the train / held-out split ------------------------------------------------------------
-
-SAMPLED_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": (16, 24, 32, 40, 48, 64, 96, 128), "cnn": (4, 8, 12, 16, 24, 32)}
-"""Widths the sampler draws from; the held-out ones among them are removed from the train split."""
-N_SAMPLED_DATA_SEEDS = 10
-CNN_PROBABILITY = 0.25
-BATCH_SIZE_RANGE = (16, 128)
-INIT_SCALE_RANGE = (0.5, 2.0)
-DEFAULT_HORIZON_RANGE = (200, 1000)
-
-HELD_OUT_SIGNATURES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
-    {"arch": ("mlp",), "width": (40, 128)},
-    {"arch": ("cnn",), "width": (12, 32)},
-    {"dataset": ("wine",)},
-    {"arch": ("mlp",), "depth": (4,), "activation": ("gelu",)},
-    {"data_seed": (8, 9)},
-)
-"""Properties reserved for evaluation: a config is held-out when, for some signature, each named
-field takes one of the listed values. ``sample_task_config(split="train")`` never returns one."""
-
-
-def held_out_properties(config: TaskConfig) -> tuple[str, ...]:
-    """The held-out signatures ``config`` matches, as readable strings; empty for a train-split task."""
-    return tuple(
-        ", ".join(f"{field}={getattr(config, field)!r}" for field in signature)
-        for signature in HELD_OUT_SIGNATURES
-        if all(getattr(config, field) in values for field, values in signature.items())
-    )
-
-
-HELD_OUT: tuple[TaskConfig, ...] = (
-    TaskConfig("digits", "mlp", depth=2, width=128, name="mlp_digits_w128"),
-    TaskConfig("digits", "mlp", depth=3, width=40, activation="tanh", name="mlp_digits_w40_tanh"),
-    TaskConfig("wine", "mlp", depth=2, width=32, name="mlp_wine"),
-    TaskConfig("gaussian_mixture", "mlp", depth=4, width=64, activation="gelu", name="mlp_mixture_deep_gelu"),
-    TaskConfig("teacher", "mlp", depth=2, width=64, activation="tanh", data_seed=8, name="mlp_teacher_unseen"),
-    TaskConfig("digits", "cnn", depth=2, width=32, batchnorm=True, name="cnn_digits_c32_bn"),
-    TaskConfig("digits", "cnn", depth=3, width=12, activation="tanh", name="cnn_digits_c12_tanh"),
-)
-"""Named evaluation tasks, each with at least one held-out property (vary ``seed`` for repeats)."""
-
-
-def _index(rng: Rng, n: int) -> int:
-    return rng.randrange(n) if isinstance(rng, random.Random) else int(rng.integers(n))
-
-
-def _choice(rng: Rng, options: tuple[Any, ...]) -> Any:
-    return options[_index(rng, len(options))]
-
-
-def _log_uniform(rng: Rng, lo: float, hi: float) -> float:
-    return math.exp(float(rng.uniform(math.log(lo), math.log(hi))))
-
-
-def _log_uniform_int(rng: Rng, lo: int, hi: int) -> int:
-    """An int in ``[lo, hi]`` whose log is roughly uniform."""
-    return min(hi, int(_log_uniform(rng, lo, hi + 1)))
-
-
-def _sample_any(rng: Rng, horizon_range: tuple[int, int]) -> TaskConfig:
-    """One draw from the whole space, train and held-out properties alike."""
-    arch = "cnn" if rng.uniform(0.0, 1.0) < CNN_PROBABILITY else "mlp"
-    lo, hi = DEPTH_RANGE[arch]
-    return TaskConfig(
-        dataset=_choice(rng, IMAGE_DATASETS if arch == "cnn" else DATASETS),
-        arch=arch,
-        depth=lo + _index(rng, hi - lo + 1),
-        width=_choice(rng, SAMPLED_WIDTHS[arch]),
-        activation=_choice(rng, tuple(ACTIVATIONS)),
-        batchnorm=arch == "cnn" and _index(rng, 2) == 1,
-        batch_size=_log_uniform_int(rng, *BATCH_SIZE_RANGE),
-        init_scale=_log_uniform(rng, *INIT_SCALE_RANGE),
-        horizon=_log_uniform_int(rng, *horizon_range),
-        seed=_index(rng, 2**31),
-        data_seed=_index(rng, N_SAMPLED_DATA_SEEDS),
-    )
-
-
-def sample_task_config(
-    rng: Rng,
-    split: str = "train",
-    horizon_range: tuple[int, int] = DEFAULT_HORIZON_RANGE,
-    activation: str | None = None,
-) -> TaskConfig:
-    """A random task config, a deterministic function of ``rng``'s state.
-
-    ``split="train"`` gives tasks with no held-out property (the meta-training distribution);
-    ``split="held_out"`` gives tasks with at least one. Architecture, dataset (CNNs read images),
-    depth, width, activation, BatchNorm, batch size (log-uniform), init scale (log-uniform in
-    ``INIT_SCALE_RANGE``), horizon (log-uniform in ``horizon_range``, inclusive) and seeds are
-    drawn from one distribution and rejected until the split's condition holds. ``activation``,
-    if given, replaces the drawn one (a sub-distribution, e.g. tanh networks only).
-    """
-    if split not in ("train", "held_out"):
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'held_out'")
-    lo, hi = horizon_range
-    if not 1 <= lo <= hi:
-        raise ValueError(f"horizon_range must satisfy 1 <= lo <= hi, got {horizon_range}")
-    want_held_out = split == "held_out"
-    while True:
-        config = _sample_any(rng, horizon_range)
-        if activation is not None:
-            config = dataclasses.replace(config, activation=activation)
-        if bool(held_out_properties(config)) == want_held_out:
-            return config
