@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec
-from .plan import N_RELATIONS, SUBSET_SLOTS, constant, from_canonical, plan_for, to_canonical
+from .plan import N_RELATIONS, SUBSET_SLOTS, BucketPlan, Neighbours, bucket_plan_for, from_canonical, to_canonical
 
 
 class _Pooled:
@@ -43,11 +44,6 @@ class _Pooled:
             base = max((k for k in self._cache if k <= key), key=len)
             self._cache[key] = self._cache[base].mean(tuple(sorted(key - base)), keepdim=True)
         return self._cache[key]
-
-
-def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Channel mixing of a (C_in, *rest) tensor by a (C_out, C_in) matrix."""
-    return (w @ x.reshape(x.shape[0], -1)).reshape(w.shape[0], *x.shape[1:])
 
 
 class NFLayer(nn.Module):
@@ -120,68 +116,146 @@ class NFLayer(nn.Module):
         ``scale`` (T, C_in), if given, multiplies each tensor's input channels; it is folded into
         the weights, which is cheaper than scaling the features (per-tensor normalisation).
         """
-        plan = plan_for(spec)
-        xc = [to_canonical(x, p) for x, p in zip(xs, plan.tensors)]
-        kinds = [p.kind for p in plan.tensors]
-        # Per-tensor constant terms: bias, context, global mean.
-        const = self.bias[kinds]  # (T, C_out)
-        if self.context_channels:
-            if context is None:
-                raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
-            const = const + torch.einsum("toc,tc->to", self.E[kinds], context)
-        if self.pooled:
-            pooled = [_Pooled(x) for x in xc]
-            if plan.invariant:
-                means = torch.stack([pooled[i].mean(tuple(range(1, xc[i].dim()))).reshape(-1) for i in plan.invariant])
-                if scale is not None:
-                    means = means * (scale if plan.constants else torch.stack([scale[i] for i in plan.invariant]))
-                const = const + torch.einsum("toc,c->to", self.G[kinds], means.mean(0))
-            vectors = {}
-            for ti, ax in plan.pooled_axes:
-                x = xc[ti]
-                v = pooled[ti].mean(tuple(d for d in range(1, x.dim()) if d != ax + 1)).reshape(x.shape[0], -1)
-                vectors[(ti, ax)] = v if scale is None else v * scale[ti, :, None]
-        if not plan.constants:
-            const = const * constant(plan.constant_mask, const)[:, None]
+        plan = bucket_plan_for(spec)
+        return unstack(plan, self.forward_buckets(plan, stack(plan, xs), *per_bucket(plan, context, scale)))
+
+    def forward_buckets(
+        self,
+        plan: BucketPlan,
+        xs: Sequence[torch.Tensor],
+        contexts: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """The layer on stacked features: ``xs[b]`` is (B, C_in, *canonical shape) of bucket b.
+
+        ``contexts[b]`` (B, context_channels) and ``scales[b]`` (B, C_in) are the members'
+        context and input scales. The work per call does not grow with the number of tensors,
+        only with the number of buckets (distinct shapes).
+        """
+        if self.context_channels and contexts is None:
+            raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
+        buckets = plan.buckets
+        pooled = [_Pooled(x) for x in xs] if self.pooled else []
+        g = None
+        if self.pooled and plan.invariant_rows:
+            means = torch.cat([
+                _scaled(p.mean(range(2, x.dim())).reshape(x.shape[0], x.shape[1]), scales, b)
+                for b, (p, x) in enumerate(zip(pooled, xs))
+            ])
+            g = means[index(plan.invariant_rows, means.device)].mean(0)
+        targets = self._neighbours(plan, xs, pooled, scales) if self.pooled and plan.neighbours else None
         out = []
-        for ti, (x, p) in enumerate(zip(xc, plan.tensors)):
-            s = None if scale is None else scale[ti]
+        for b, (bucket, x) in enumerate(zip(buckets, xs)):
+            p, k, s = bucket.plan, bucket.plan.kind, None if scales is None else scales[b]
+            n, c_in = x.shape[0], x.shape[1]
+            const = None
+            if bucket.constant:
+                const = self.bias[k].expand(n, -1)
+                if self.context_channels:
+                    const = const + contexts[b] @ self.E[k].T
+                if g is not None:
+                    const = const + self.G[k] @ g
             terms: list[torch.Tensor] = []
             if self.pooled:
                 for axes, slot in p.subsets:
-                    b = self.B[slot] if s is None else self.B[slot] * s
-                    terms.append(_mix(b, pooled[ti].mean(tuple(a + 1 for a in axes))))
-                for ax, relations in enumerate(p.neighbours):
-                    nb = None
-                    for r, members in relations:
-                        v = vectors[members[0]] if len(members) == 1 else torch.stack(
-                            [vectors[m] for m in members]
-                        ).mean(0)
-                        term = self.N[r] @ v
-                        nb = term if nb is None else nb + term
-                    if nb is not None:
-                        shape = [1] * x.dim()
-                        shape[0], shape[ax + 1] = nb.shape
-                        terms.append(nb.reshape(shape))
-            a = self.A[p.kind] if s is None else self.A[p.kind] * s
-            y = self._combine(a, x, const[ti], terms)
-            out.append(from_canonical(y, p, tuple(xs[ti].shape[1:])))
+                    m = pooled[b].mean(tuple(a + 2 for a in axes))
+                    w = self.B[slot] if s is None else self.B[slot] * s[:, None, :]
+                    terms.append((w @ m.reshape(n, c_in, -1)).reshape(n, -1, *m.shape[2:]))
+                for ax, first in enumerate(bucket.targets):
+                    if first >= 0:
+                        size = p.canonical[ax]
+                        shape = [n, self.out_channels] + [1] * (x.dim() - 2)
+                        shape[ax + 2] = size
+                        terms.append(targets[first : first + n * size].reshape(n, size, -1).transpose(1, 2).reshape(shape))
+            a = self.A[k] if s is None else self.A[k] * s[:, None, :]
+            out.append(_combine(a, x, const, terms))
         return out
 
-    @staticmethod
-    def _combine(
-        a: torch.Tensor, x: torch.Tensor, const: torch.Tensor, terms: list[torch.Tensor]
+    def _neighbours(
+        self, plan: BucketPlan, xs: Sequence[torch.Tensor], pooled: list[_Pooled], scales: Sequence[torch.Tensor] | None
     ) -> torch.Tensor:
-        """A·x + const + broadcast terms, folding small terms into larger ones before the full add."""
-        acc: list[torch.Tensor] = []
-        for term in sorted(terms, key=lambda t: -t.numel()):
-            for i, big in enumerate(acc):
-                if all(s == 1 or s == b for s, b in zip(term.shape, big.shape)):
-                    acc[i] = big + term
-                    break
-            else:
-                acc.append(term)
-        y = torch.addmm(const.unsqueeze(1), a, x.reshape(x.shape[0], -1)).reshape(a.shape[0], *x.shape[1:])
-        for term in acc:
-            y.add_(term)
-        return y
+        """Every neighbour vector of the weight space, as rows of one (n_targets, C_out) tensor."""
+        nb = plan.neighbours
+        vectors = []
+        for b, (bucket, x) in enumerate(zip(plan.buckets, xs)):
+            for ax, first in enumerate(bucket.sources):
+                if first >= 0:
+                    v = pooled[b].mean(tuple(d for d in range(2, x.dim()) if d != ax + 2))
+                    v = v.reshape(x.shape[0], x.shape[1], -1)
+                    if scales is not None:
+                        v = v * scales[b][:, :, None]
+                    vectors.append(v.transpose(1, 2).reshape(-1, x.shape[1]))
+        sources = torch.cat(vectors)
+        nb = _neighbours_on(nb, sources.device, sources.dtype)
+        mixed = torch.einsum("vc,roc->rvo", sources, self.N[index(nb.relations, sources.device)])
+        contributions = mixed[nb.relation, nb.src] * nb.weight[:, None]
+        return sources.new_zeros(nb.n_targets, self.out_channels).index_add(0, nb.dst, contributions)
+
+
+def _scaled(means: torch.Tensor, scales: Sequence[torch.Tensor] | None, b: int) -> torch.Tensor:
+    return means if scales is None else means * scales[b]
+
+
+@lru_cache(maxsize=256)
+def _neighbours_on(nb: Neighbours, device: torch.device, dtype: torch.dtype) -> Neighbours:
+    return nb.to(device, dtype)
+
+
+def _combine(a: torch.Tensor, x: torch.Tensor, const: torch.Tensor | None, terms: list[torch.Tensor]) -> torch.Tensor:
+    """A·x + const + broadcast terms of a bucket, folding small terms into larger ones before the
+    full-size adds. ``a`` is (C_out, C_in) or per member (B, C_out, C_in)."""
+    acc: list[torch.Tensor] = []
+    for term in sorted(terms, key=lambda t: -t.numel()):
+        for i, big in enumerate(acc):
+            if all(s == 1 or s == b for s, b in zip(term.shape, big.shape)):
+                acc[i] = big + term
+                break
+        else:
+            acc.append(term)
+    n, flat = x.shape[0], x.reshape(x.shape[0], x.shape[1], -1)
+    if a.dim() == 2:
+        a = a.expand(n, -1, -1)
+    y = torch.bmm(a, flat) if const is None else torch.baddbmm(const.unsqueeze(-1), a, flat)
+    y = y.reshape(n, a.shape[1], *x.shape[2:])
+    for term in acc:
+        y.add_(term)
+    return y
+
+
+@lru_cache(maxsize=1024)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small index tensor made once per device, not on every step."""
+    return _index(tuple(values), device)
+
+
+def stack(plan: BucketPlan, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor features (C, *shape) stacked per bucket into (B, C, *canonical shape)."""
+    out = []
+    for bucket in plan.buckets:
+        m = bucket.members
+        x = xs[m[0]].unsqueeze(0) if len(m) == 1 else torch.stack([xs[i] for i in m])
+        out.append(to_canonical(x, bucket.plan, lead=2))
+    return out
+
+
+def unstack(plan: BucketPlan, ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`stack`: a list of (C, *shape) in the weight space's tensor order."""
+    out: list[torch.Tensor | None] = [None] * len(plan.order)
+    for bucket, y in zip(plan.buckets, ys):
+        for i, t in zip(bucket.members, from_canonical(y, bucket.plan, bucket.shape).unbind(0)):
+            out[i] = t
+    return out  # type: ignore[return-value]
+
+
+def per_bucket(
+    plan: BucketPlan, *values: torch.Tensor | None
+) -> list[list[torch.Tensor] | None]:
+    """Per-tensor rows (T, ...) of each value split into per-bucket (B, ...) tensors."""
+    return [
+        None if v is None else [v[index(bucket.members, v.device)] for bucket in plan.buckets]
+        for v in values
+    ]

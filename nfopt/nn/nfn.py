@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec, as_monomial, sign_scale_invariants
-from .layer import NFLayer
-from .plan import plan_for
+from .layer import NFLayer, per_bucket, stack, unstack
+from .plan import BucketPlan, bucket_plan_for, plan_for
 
 ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
 """Applied to fresh layer outputs, which nothing else holds, so in place where torch can."""
@@ -70,12 +70,23 @@ class NFN(nn.Module):
     ) -> list[torch.Tensor]:
         """``context`` and ``scale`` go to the first layer (see :meth:`NFLayer.forward`)."""
         _check_features(spec, xs, self.layers[0].in_channels)
+        plan = bucket_plan_for(spec)
+        return unstack(plan, self.forward_buckets(plan, stack(plan, xs), *per_bucket(plan, context, scale)))
+
+    def forward_buckets(
+        self,
+        plan: BucketPlan,
+        xs: Sequence[torch.Tensor],
+        contexts: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """The network on features stacked per bucket (see :meth:`NFLayer.forward_buckets`)."""
         acts = [
-            self._act if p.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[p.factor_group]
-            for p in plan_for(spec).tensors
+            self._act if b.plan.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[b.plan.factor_group]
+            for b in plan.buckets
         ]
         for n, layer in enumerate(self.layers):
-            xs = layer(spec, xs, context, scale) if n == 0 else layer(spec, xs)
+            xs = layer.forward_buckets(plan, xs, contexts, scales) if n == 0 else layer.forward_buckets(plan, xs)
             if n < len(self.layers) - 1:
                 xs = [x if act is None else act(x) for act, x in zip(acts, xs)]
         return xs

@@ -9,6 +9,7 @@ are kept. Plans are cached per spec, so a step of the optimizer does no Python w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,20 +109,134 @@ def plan_for(spec: WeightSpaceSpec | MonomialSpec) -> Plan:
     return Plan(tuple(plans), tuple(sorted(pooled)), invariant, len(invariant) == len(plans), mask)
 
 
-def to_canonical(x: torch.Tensor, p: TensorPlan) -> torch.Tensor:
-    """(C, *shape) -> (C, *canonical shape)."""
+@dataclass(frozen=True)
+class Bucket:
+    """Tensors that one batched computation serves: same shape, axis order, kind and terms.
+
+    Their features are stacked to ``(B, C, *shape)``; ``plan`` (the first member's) holds for all.
+    ``sources`` and ``targets`` name, per canonical axis, the first row of the bucket's pooled and
+    neighbour vectors in :class:`Neighbours`' flat buffers (``-1`` where no member needs them).
+    """
+
+    members: tuple[int, ...]
+    shape: tuple[int, ...]
+    plan: TensorPlan
+    constant: bool  # whether the members take the per-tensor constant terms
+    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: equal only to itself
+class Neighbours:
+    """Every neighbour term of a weight space as one gather-and-scatter over neuron vectors.
+
+    Pooled vectors of all buckets' source axes are stacked into ``n_sources`` rows (one row per
+    neuron of each member tensor's axis); neighbour vectors of all target axes into ``n_targets``
+    rows. Pair ``i`` adds ``weight[i]·N[relations[relation[i]]]·source[src[i]]`` to row
+    ``dst[i]``: the mean over a relation's member axes, mixed by that relation's matrix.
+    """
+
+    n_sources: int
+    n_targets: int
+    relations: tuple[int, ...]  # relation ids present
+    relation: torch.Tensor  # (P,) index into relations
+    src: torch.Tensor  # (P,)
+    dst: torch.Tensor  # (P,)
+    weight: torch.Tensor  # (P,)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Neighbours:
+        return dataclasses.replace(
+            self,
+            relation=self.relation.to(device),
+            src=self.src.to(device),
+            dst=self.dst.to(device),
+            weight=self.weight.to(device=device, dtype=dtype),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class BucketPlan:
+    """A weight space grouped into buckets, with the indices the batched layer needs."""
+
+    buckets: tuple[Bucket, ...]
+    order: tuple[int, ...]  # tensor indices in bucket order
+    invariant_rows: tuple[int, ...]  # rows (in bucket order) of tensors that feed the global term
+    neighbours: Neighbours | None
+
+
+@lru_cache(maxsize=256)
+def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
+    """Group a weight space's tensors into buckets and index their neighbour terms, once per spec."""
+    plan = plan_for(spec)
+    space = as_monomial(spec).space
+    groups: dict[tuple, list[int]] = {}
+    for ti, (t, p) in enumerate(zip(space.tensors, plan.tensors)):
+        key = (t.shape, p.kind, p.perm, p.subsets, p.factor_group, tuple(bool(n) for n in p.neighbours))
+        groups.setdefault(key, []).append(ti)
+    members = [tuple(m) for m in groups.values()]
+    order = tuple(ti for m in members for ti in m)
+    where = {ti: (b, i) for b, m in enumerate(members) for i, ti in enumerate(m)}
+    pooled = set(plan.pooled_axes)
+    n_sources = n_targets = 0
+    source_rows: dict[tuple[int, int], int] = {}
+    buckets = []
+    for b, m in enumerate(members):
+        p = plan.tensors[m[0]]
+        sources, targets = [], []
+        for ax, size in enumerate(p.canonical[: len(p.neighbours)]):
+            if any((ti, ax) in pooled for ti in m):
+                source_rows[(b, ax)] = n_sources
+                sources.append(n_sources)
+                n_sources += len(m) * size
+            else:
+                sources.append(-1)
+            if p.neighbours[ax]:
+                targets.append(n_targets)
+                n_targets += len(m) * size
+            else:
+                targets.append(-1)
+        buckets.append(Bucket(m, space.tensors[m[0]].shape, p, p.factor_group == "none", tuple(sources), tuple(targets)))
+    neighbours = None
+    if n_targets:
+        relations = sorted({r for p in plan.tensors for axis in p.neighbours for r, _ in axis})
+        local = {r: i for i, r in enumerate(relations)}
+        rel, src, dst, weight = [], [], [], []
+        for bucket in buckets:
+            for i, ti in enumerate(bucket.members):
+                for ax, axis in enumerate(plan.tensors[ti].neighbours):
+                    size = bucket.plan.canonical[ax]
+                    for r, tensor_axes in axis:
+                        for tj, cj in tensor_axes:
+                            bj, j = where[tj]
+                            first = source_rows[(bj, cj)] + j * size
+                            rel += [local[r]] * size
+                            src += range(first, first + size)
+                            dst += range(bucket.targets[ax] + i * size, bucket.targets[ax] + (i + 1) * size)
+                            weight += [1.0 / len(tensor_axes)] * size
+        neighbours = Neighbours(
+            n_sources, n_targets, tuple(relations), torch.tensor(rel), torch.tensor(src), torch.tensor(dst),
+            torch.tensor(weight, dtype=torch.float64),
+        )
+    invariant = set(plan.invariant)
+    rows = tuple(row for row, ti in enumerate(order) if ti in invariant)
+    return BucketPlan(tuple(buckets), order, rows, neighbours)
+
+
+def to_canonical(x: torch.Tensor, p: TensorPlan, lead: int = 1) -> torch.Tensor:
+    """(*lead axes, *shape) -> (*lead axes, *canonical shape): channels (and a batch) stay first."""
     if p.perm is not None:
-        x = x.permute(0, *(a + 1 for a in p.perm))
-    return x.reshape(x.shape[0], *p.canonical)
+        x = x.permute(*range(lead), *(a + lead for a in p.perm))
+    return x.reshape(*x.shape[:lead], *p.canonical)
 
 
 def from_canonical(y: torch.Tensor, p: TensorPlan, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`to_canonical`."""
+    """Inverse of :func:`to_canonical`, given the tensor's own ``shape``."""
+    lead = y.dim() - len(p.canonical)
     if p.perm is None:
-        return y.reshape(y.shape[0], *shape)
-    y = y.reshape(y.shape[0], *(shape[a] for a in p.perm))
+        return y.reshape(*y.shape[:lead], *shape)
+    y = y.reshape(*y.shape[:lead], *(shape[a] for a in p.perm))
     inverse = sorted(range(len(p.perm)), key=lambda i: p.perm[i])
-    return y.permute(0, *(i + 1 for i in inverse))
+    return y.permute(*range(lead), *(i + lead for i in inverse))
 
 
 @lru_cache(maxsize=64)

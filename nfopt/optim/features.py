@@ -67,16 +67,24 @@ def init_state(p: torch.Tensor, cfg: FeatureConfig) -> dict[str, torch.Tensor]:
     }
 
 
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) per-member values shaped to broadcast over a (B, *rest) tensor like ``like``."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
 def update_statistics(
     g: torch.Tensor, state: dict[str, torch.Tensor], cfg: FeatureConfig, ok: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """New statistics after seeing gradient ``g``; ``ok`` (a 0-d 0/1 tensor) holds them still.
+    """New statistics of B same-shape tensors after seeing their gradients ``g`` (B, *shape).
 
-    Functional (returns new tensors) so that unrolled meta-training can differentiate through it.
+    ``state`` holds ``step`` (B,), ``momenta`` (B, M, *shape) and ``v`` (B, *shape); ``ok`` (B,)
+    is 1 per member, or 0 to hold that member's statistics still. Functional (returns new
+    tensors) so that unrolled meta-training can differentiate through it.
     """
-    rates = constant([1 - d for d in cfg.momentum_decays], g) * ok
-    momenta = torch.lerp(state["momenta"], g.expand_as(state["momenta"]), rates.reshape(-1, *([1] * g.dim())))
-    v = torch.lerp(state["v"], g * g, (1 - cfg.beta2) * ok)
+    momenta = state["momenta"]
+    rates = ok[:, None] * constant([1 - d for d in cfg.momentum_decays], g)
+    momenta = torch.lerp(momenta, g.unsqueeze(1).expand_as(momenta), rates.reshape(*rates.shape, *([1] * (g.dim() - 1))))
+    v = torch.lerp(state["v"], g * g, _per_member((1 - cfg.beta2) * ok, g))
     return {"step": state["step"] + ok, "momenta": momenta, "v": v}
 
 
@@ -87,29 +95,32 @@ rule still steps as Adam."""
 
 
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam's bias-corrected direction m̂/(sqrt(v̂)+eps), and sqrt(v̂); at step 0 both are zero."""
+    """Adam's bias-corrected direction m̂/(sqrt(v̂)+eps), and sqrt(v̂), of B same-shape tensors
+    (statistics as in :func:`update_statistics`); at step 0 both are zero."""
+    v = state["v"]
     t = state["step"].clamp(min=1)
-    bc1 = 1 - cfg.momentum_decays[cfg.adam_momentum] ** t
-    bc2 = 1 - cfg.beta2**t
-    root_v = torch.sqrt(state["v"] / bc2 + _SQRT_FLOOR)
-    u = state["momenta"][cfg.adam_momentum] / bc1 / (root_v + cfg.eps)
+    bc1 = _per_member(1 - cfg.momentum_decays[cfg.adam_momentum] ** t, v)
+    bc2 = _per_member(1 - cfg.beta2**t, v)
+    root_v = torch.sqrt(v / bc2 + _SQRT_FLOOR)
+    u = state["momenta"][:, cfg.adam_momentum] / bc1 / (root_v + cfg.eps)
     return u, root_v
 
 
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1/sqrt(mean(x²) + eps) of each channel (axis 0) over the rest of the tensor: (C,)."""
-    flat = x.reshape(x.shape[0], -1)
-    return torch.rsqrt(torch.linalg.vecdot(flat, flat) / max(flat.shape[1], 1) + eps)
+    """1/sqrt(mean(x²) + eps) of each member and channel of (B, C, *shape) features: (B, C)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return torch.rsqrt(torch.linalg.vecdot(flat, flat) / max(flat.shape[2], 1) + eps)
 
 
 def features(
     p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor,
     cfg: FeatureConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-element features (C, *shape), the inverse RMS of each channel (C,) that normalises
-    them (the NFN folds it into its first layer's weights), and the tensor's context vector."""
-    x = torch.cat([p.unsqueeze(0), g.unsqueeze(0), state["momenta"], root_v.unsqueeze(0), u.unsqueeze(0)])
+    """Per-element features (B, C, *shape) of B same-shape tensors, the inverse RMS of each
+    member's channels (B, C) that normalises them (the NFN folds it into its first layer's
+    weights), and each member's context vector (B, context_channels)."""
+    x = torch.cat([p.unsqueeze(1), g.unsqueeze(1), state["momenta"], root_v.unsqueeze(1), u.unsqueeze(1)], 1)
     inv = inverse_rms(x, cfg.rms_eps)
     scales = constant(cfg.time_scales, p)
-    context = torch.cat([torch.tanh(state["step"] / scales), (-0.1 * torch.log(inv[0])).reshape(1)])
+    context = torch.cat([torch.tanh(state["step"][:, None] / scales), (-0.1 * torch.log(inv[:, :1]))], 1)
     return x, inv, context

@@ -368,12 +368,13 @@ class NFNOptimizer(Optimizer):
         new_params, new_stats, oks = rule(
             spec, work, [g.to(dtype) for g in grads], [{k: s[k] for k in ("step", "momenta", "v")} for s in states], lrs, wds
         )
-        for p, new, stats, state, ok in zip(params, new_params, new_stats, states, oks):
-            p.copy_(new)
+        torch._foreach_copy_(params, new_params)
+        for state, stats in zip(states, new_stats):
             state.update(stats)
-            state["nonfinite_skips"] += (1 - ok).to(torch.int64)
+        finite = torch.stack(oks)
+        torch._foreach_add_([s["nonfinite_skips"] for s in states], list((1 - finite).to(torch.int64).unbind()))
         if params[0].device.type == "cpu" and not self._warned_nonfinite:
-            if not bool(torch.stack(oks).all()):
+            if not bool(finite.all()):
                 self._warned_nonfinite = True
                 warnings.warn(
                     "NFNOptimizer: a gradient held inf or NaN; that tensor's update was skipped "

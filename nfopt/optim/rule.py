@@ -30,7 +30,7 @@ from torch import nn
 
 from .features import FeatureConfig, adam_direction, features, update_statistics
 from ..weight_space import MonomialSpec, WeightSpaceSpec
-from ..nn.plan import plan_for
+from ..nn.plan import Bucket, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN
 
 
@@ -100,33 +100,63 @@ class LearnedUpdate(nn.Module):
         gradient held a non-finite value: that tensor's parameters and statistics are left as
         they were (and its features are zeros, so it cannot poison the pooled terms of others).
         """
-        cfg = self.config.features
         n = len(params)
         if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
             spec = spec.space  # a rule meta-trained without sign flips reads only the permutations
-        flips = _flipping(spec)
+        _check_no_scalings(spec)
+        plan = bucket_plan_for(spec)
         lrs = [1.0] * n if lrs is None else lrs
         weight_decays = [0.0] * n if weight_decays is None else weight_decays
-        oks = [torch.isfinite(g.sum()).to(g.dtype) for g in grads]  # one read; inf/NaN survive a sum
-        grads = [torch.where(ok > 0, g, 0.0) for g, ok in zip(grads, oks)]
-        states = [update_statistics(g, s, cfg, ok) for g, s, ok in zip(grads, states, oks)]
-        directions = [adam_direction(s, cfg) for s in states]
-        feats = [features(p, g, s, u, r, cfg) for p, g, s, (u, r) in zip(params, grads, states, directions)]
-        xs = [_odd_features(x, u) if f else x for (x, _, _), (u, _), f in zip(feats, directions, flips)]
-        scale = torch.stack([s for _, s, _ in feats])
-        context = torch.stack([c for _, _, c in feats])
-        out = self.nfn(spec, xs, context, scale)
+        buckets = [
+            self._statistics(
+                _stack(params, b), _stack(grads, b), {k: _stack([s[k] for s in states], b) for k in _STATS},
+                b.plan.factor_group == "sign",
+            )
+            for b in plan.buckets
+        ]
+        xs = [to_canonical(x, b.plan, lead=2) for b, (x, *_) in zip(plan.buckets, buckets)]
+        ys = self.nfn.forward_buckets(plan, xs, [c for *_, c, _ in buckets], [s for *_, s in buckets])
+        new_params: list[torch.Tensor | None] = [None] * n
+        new_states: list[dict[str, torch.Tensor] | None] = [None] * n
+        new_oks: list[torch.Tensor | None] = [None] * n
+        for bucket, y, (_, p, u, stats, ok, _, _) in zip(plan.buckets, ys, buckets):
+            m = bucket.members
+            y = from_canonical(y, bucket.plan, bucket.shape)
+            new = self._step(p, u, y, ok, _per_member([lrs[i] for i in m]), _per_member([weight_decays[i] for i in m]),
+                             bucket.plan.factor_group == "sign")
+            for j, i in enumerate(m):
+                new_params[i], new_oks[i] = new[j], ok[j]
+                new_states[i] = {k: v[j] for k, v in stats.items()}
+        return new_params, new_states, new_oks  # type: ignore[return-value]
+
+    def _statistics(
+        self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], flips: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a bucket's stacked params and grads (B, *shape) and statistics: its features,
+        params, Adam direction, new statistics, finite flags (B,), context and input scales."""
+        cfg = self.config.features
+        ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)  # one read; inf/NaN survive a sum
+        g = torch.where(_per_member_like(ok, g) > 0, g, 0.0)
+        state = update_statistics(g, state, cfg, ok)
+        u, root_v = adam_direction(state, cfg)
+        x, inv, context = features(p, g, state, u, root_v, cfg)
+        return (_odd_features(x, u) if flips else x), p, u, state, ok, context, inv
+
+    def _step(
+        self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, lr: float | torch.Tensor | list[float | torch.Tensor],
+        wd: float | Sequence[float], flips: bool,
+    ) -> torch.Tensor:
+        """New params of a bucket from the NFN's output ``y`` (B, 2, *shape): the bounded
+        residual on Adam's direction, scaled, with decoupled weight decay."""
         alpha, beta, gamma = self.scalars()
         bound, limit = self.config.max_deviation, self.config.max_log_scale
-        new_params = []
-        for p, (u, _), y, ok, lr, wd, f in zip(params, directions, out, oks, lrs, weight_decays, flips):
-            deviation = torch.tanh(y[0] * (beta / bound))
-            c = y[1] * torch.sign(u) if f else y[1]
-            step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * c, -limit, limit))
-            rate = (lr * ok) * alpha
-            decayed = p * (1 - rate * wd) if wd else p
-            new_params.append(torch.addcmul(decayed, -rate, step))
-        return new_params, states, oks
+        deviation = torch.tanh(y[:, 0] * (beta / bound))
+        c = y[:, 1] * torch.sign(u) if flips else y[:, 1]
+        step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * c, -limit, limit))
+        lr, wd = _as_member_tensor(lr, p), _as_member_tensor(wd, p)
+        rate = (lr * _per_member_like(ok, p)) * alpha
+        decayed = p * (1 - rate * wd) if torch.is_tensor(wd) or wd else p
+        return torch.addcmul(decayed, -rate, step)
 
     def scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """α, β, γ as 0-d tensors."""
@@ -134,19 +164,48 @@ class LearnedUpdate(nn.Module):
         return c.alpha * self.log_alpha.exp(), c.beta * self.log_beta.exp(), c.gamma * self.log_gamma.exp()
 
 
-def _flipping(spec: WeightSpaceSpec | MonomialSpec) -> list[bool]:
-    """Per tensor, whether its elements flip sign under the spec's group (read from the layers'
-    cached plan, so a step does no work on it)."""
-    groups = [p.factor_group for p in plan_for(spec).tensors]
+_STATS = ("step", "momenta", "v")
+
+
+def _check_no_scalings(spec: WeightSpaceSpec | MonomialSpec) -> None:
+    """Refuse scaling symmetries (read from the layers' cached plan, so a step does no work)."""
+    groups = {p.factor_group for p in plan_for(spec).tensors}
     if "scale" in groups or "both" in groups:
         scaled = [label for label, symmetry in spec.symmetries if symmetry == "scale"]
         raise ValueError(
             f"neuron sets {scaled} admit scalings, to which gradient training is not equivariant; "
             "give the update rule a spec with sign flips only"
         )
-    return [g == "sign" for g in groups]
+
+
+def _stack(tensors: Sequence[torch.Tensor], bucket: Bucket) -> torch.Tensor:
+    """A bucket's members' tensors stacked (a view for a bucket of one)."""
+    m = bucket.members
+    return tensors[m[0]].unsqueeze(0) if len(m) == 1 else torch.stack([tensors[i] for i in m])
+
+
+def _per_member(values: list[float | torch.Tensor]) -> float | torch.Tensor | list[float | torch.Tensor]:
+    """One value where every member has the same (no tensor to build on each step), else the list."""
+    first = values[0]
+    same = all(v is first for v in values) or (
+        isinstance(first, float) and all(isinstance(v, float) and v == first for v in values)
+    )
+    return first if same else values
+
+
+def _as_member_tensor(values: float | torch.Tensor | list[float | torch.Tensor], like: torch.Tensor) -> float | torch.Tensor:
+    """A learning rate or weight decay per member: a scalar for all, or a (B, 1, ...) tensor."""
+    if not isinstance(values, list):
+        return values
+    stacked = torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values])
+    return _per_member_like(stacked, like)
+
+
+def _per_member_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _odd_features(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Features of a sign-flipping tensor with sqrt(v) (which does not flip) made to flip, by sign(u)."""
-    return torch.cat([x[:-2], (x[-2] * torch.sign(u)).unsqueeze(0), x[-1:]])
+    """Features (B, C, *shape) of sign-flipping tensors with sqrt(v) (which does not flip) made to
+    flip, by sign(u)."""
+    return torch.cat([x[:, :-2], (x[:, -2] * torch.sign(u)).unsqueeze(1), x[:, -1:]], 1)

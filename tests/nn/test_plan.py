@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nfopt.nn.plan import N_RELATIONS, SUBSET_SLOTS, constant, from_canonical, plan_for, to_canonical
+from nfopt.nn.plan import N_RELATIONS, SUBSET_SLOTS, bucket_plan_for, constant, from_canonical, plan_for, to_canonical
 from nfopt.weight_space import KINDS, Kind
 
 from ..weight_spaces import (
@@ -96,3 +96,38 @@ def test_plans_and_constants_are_made_once():
     assert c is constant((1.0, 0.5), like) and c.dtype == torch.float64
     assert torch.equal(c, torch.tensor([1.0, 0.5], dtype=torch.float64))
     assert constant([1.0, 0.5], like.float()).dtype == torch.float32
+
+
+def test_buckets_group_tensors_of_one_shape_and_terms_and_index_every_neighbour():
+    """A deep MLP's hidden layers share one bucket per tensor shape; every neighbour pair the
+    per-tensor plan lists appears in the flat index, with the weight of its relation's mean."""
+    spec = mlp_spec([5, 8, 8, 8, 8, 3])
+    plan, buckets = plan_for(spec), bucket_plan_for(spec)
+    by_tensor = {ti: b for b in buckets.buckets for ti in b.members}
+    assert sorted(buckets.order) == list(range(len(spec.tensors)))
+    for b in buckets.buckets:
+        for i in b.members:
+            p = plan.tensors[i]
+            assert spec.tensors[i].shape == b.shape
+            assert (p.kind, p.perm, p.subsets, p.factor_group) == (b.plan.kind, b.plan.perm, b.plan.subsets, b.plan.factor_group)
+    hidden = [i for i, t in enumerate(spec.tensors) if t.shape == (8, 8)]
+    middle = [i for i in hidden if all(plan.tensors[i].neighbours)]
+    assert len({id(by_tensor[i]) for i in middle}) == 1  # one bucket serves the middle layers
+    nb = buckets.neighbours
+    pairs = {(int(r), int(s), int(d)): float(w) for r, s, d, w in zip(nb.relation, nb.src, nb.dst, nb.weight)}
+    expected = sum(
+        len(tensor_axes) * plan.tensors[ti].canonical[ax]
+        for ti in range(len(spec.tensors))
+        for ax, axis in enumerate(plan.tensors[ti].neighbours)
+        for _, tensor_axes in axis
+    )
+    assert len(pairs) == len(nb.relation) == expected  # no pair lost or doubled
+    assert all(0 < w <= 1 for w in pairs.values())
+
+
+def test_buckets_of_a_monomial_spec_keep_flipping_and_still_tensors_apart():
+    spec = monomial_mlp_spec([5, 4, 4, 3], "sign")
+    plan, buckets = plan_for(spec), bucket_plan_for(spec)
+    for b in buckets.buckets:
+        assert len({plan.tensors[i].factor_group for i in b.members}) == 1
+        assert b.constant == (b.plan.factor_group == "none")

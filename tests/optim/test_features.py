@@ -1,4 +1,5 @@
-"""Optimizer features: statistics, normalisation and the context of invariants."""
+"""Optimizer features: statistics, normalisation and the context of invariants, computed for a
+bucket of B same-shape tensors at once (each member as if alone)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ from nfopt.optim.features import FeatureConfig, adam_direction, features, init_s
 CFG = FeatureConfig()
 
 
+def stacked(*states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-tensor statistics stacked into a bucket's (B, ...) statistics."""
+    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
 def run(grads: list[torch.Tensor], p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The statistics of ``p`` after seeing ``grads``."""
-    state = init_state(p, CFG)
-    one = torch.ones((), dtype=p.dtype)
+    """The statistics of ``p`` (a bucket of one) after seeing ``grads``."""
+    state = stacked(init_state(p, CFG))
+    one = torch.ones(1, dtype=p.dtype)
     for g in grads:
-        state = update_statistics(g, state, CFG, one)
+        state = update_statistics(g.unsqueeze(0), state, CFG, one)
     return state
 
 
@@ -33,29 +39,35 @@ def test_statistics_match_their_definitions():
     grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(6)]
     state = run(grads, p)
     for i, decay in enumerate(CFG.momentum_decays):
-        assert torch.allclose(state["momenta"][i], ewma(grads, decay))
-    assert torch.allclose(state["v"], ewma([g * g for g in grads], CFG.beta2))
+        assert torch.allclose(state["momenta"][0, i], ewma(grads, decay))
+    assert torch.allclose(state["v"][0], ewma([g * g for g in grads], CFG.beta2))
     assert state["step"].item() == 6
 
 
-def test_held_statistics_do_not_move():
-    p = torch.randn(4)
-    state = run([torch.randn(4)], p)
-    held = update_statistics(torch.randn(4), state, CFG, torch.zeros(()))
-    for k in state:
-        assert torch.equal(held[k], state[k])
+def test_members_of_a_bucket_are_updated_as_if_alone_and_a_held_one_does_not_move():
+    torch.manual_seed(2)
+    ps = [torch.randn(4, dtype=torch.float64) for _ in range(3)]
+    alone = [run([torch.randn(4, dtype=torch.float64)], p) for p in ps]
+    g = torch.randn(3, 4, dtype=torch.float64)
+    ok = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    new = update_statistics(g, stacked(*({k: v[0] for k, v in a.items()} for a in alone)), CFG, ok)
+    for i, a in enumerate(alone):
+        expected = a if not ok[i] else update_statistics(g[i : i + 1], a, CFG, ok[i : i + 1])
+        for k in new:
+            assert torch.equal(new[k][i], expected[k][0]), (i, k)
+    assert not torch.equal(new["v"][0], alone[0]["v"][0])
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    return x * inverse_rms(x, CFG.rms_eps).reshape(-1, 1, 1)
+    return x * inverse_rms(x, CFG.rms_eps).reshape(*x.shape[:2], 1, 1)
 
 
-def test_rms_normalisation_is_scale_free_and_finite_at_zero():
-    x = torch.randn(3, 10, 4, dtype=torch.float64)
+def test_rms_normalisation_is_per_member_and_channel_scale_free_and_finite_at_zero():
+    x = torch.randn(2, 3, 10, 4, dtype=torch.float64)
     y = normalise(x)
-    assert torch.allclose(y.square().mean((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(normalise(1000 * x), y)
-    zero = torch.zeros(2, 5, 1, requires_grad=True)
+    assert torch.allclose(y.square().mean((2, 3)), torch.ones(2, 3, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(normalise(x * torch.tensor([1000.0, 1e-3], dtype=torch.float64).reshape(2, 1, 1, 1)), y)
+    zero = torch.zeros(1, 2, 5, 1, requires_grad=True)
     normalise(zero).sum().backward()
     assert torch.isfinite(zero.grad).all()
 
@@ -68,7 +80,7 @@ def test_features_are_the_documented_channels_and_context():
     grads = [torch.randn(6, 2, dtype=torch.float64) for _ in range(3)]
     state = run(grads, p)
     u, root_v = adam_direction(state, CFG)
-    x, inv, ctx = features(p, grads[-1], state, u, root_v, CFG)
+    x, inv, ctx = (a[0] for a in features(p.unsqueeze(0), grads[-1].unsqueeze(0), state, u, root_v, CFG))
 
     t = len(grads)
     momenta = [ewma(grads, d) for d in CFG.momentum_decays]
@@ -87,27 +99,27 @@ def test_adam_direction_is_the_step_of_torch_adam_at_learning_rate_one():
     p = torch.randn(5, 3, dtype=torch.float64)
     q = p.clone().requires_grad_()
     adam = torch.optim.Adam([q], lr=1.0, betas=(CFG.momentum_decays[CFG.adam_momentum], CFG.beta2), eps=CFG.eps)
-    state = init_state(p, CFG)
+    state = stacked(init_state(p, CFG))
     for _ in range(5):
         g = torch.randn(5, 3, dtype=torch.float64)
-        state = update_statistics(g, state, CFG, torch.ones((), dtype=p.dtype))
+        state = update_statistics(g.unsqueeze(0), state, CFG, torch.ones(1, dtype=p.dtype))
         u, _ = adam_direction(state, CFG)
         before = q.detach().clone()
         q.grad = g
         adam.step()
-        assert torch.allclose(before - q.detach(), u, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(before - q.detach(), u[0], rtol=1e-9, atol=1e-12)
 
 
 def test_adam_direction_at_step_zero_is_zero():
-    state = init_state(torch.randn(3), CFG)
+    state = stacked(init_state(torch.randn(3), CFG))
     u, root_v = adam_direction(state, CFG)
     assert torch.count_nonzero(u) == 0 and root_v.max() < 1e-14
 
 
 def test_meta_gradient_is_finite_where_a_gradient_is_exactly_zero():
     p = torch.zeros(3)
-    g = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)
-    state = update_statistics(g, init_state(p, CFG), CFG, torch.ones(()))
+    g = torch.tensor([[0.0, 1.0, -2.0]], requires_grad=True)
+    state = update_statistics(g, stacked(init_state(p, CFG)), CFG, torch.ones(1))
     u, root_v = adam_direction(state, CFG)
     (u.sum() + root_v.sum()).backward()
     assert torch.isfinite(g.grad).all()
