@@ -98,7 +98,8 @@ class LearnedUpdate(nn.Module):
 
         Returns new parameters, new statistics and, per tensor, a 0-d flag that is 0 where the
         gradient held a non-finite value: that tensor's parameters and statistics are left as
-        they were (and its features are zeros, so it cannot poison the pooled terms of others).
+        they were (its gradient reads as zero and its other features come from the held, finite
+        statistics, so it cannot poison the pooled terms of others).
         """
         n = len(params)
         if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
