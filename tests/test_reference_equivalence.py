@@ -23,6 +23,7 @@ from torch import Tensor
 
 from nfopt.labelling import label_model, label_monomial
 from nfopt.optim.features import init_state
+from nfopt.optim import rule as rule_module
 from nfopt.optim.rule import LearnedUpdate
 from nfopt.weight_space import MonomialSpec, WeightSpaceSpec
 
@@ -249,3 +250,27 @@ def test_the_reference_of_a_fresh_rule_is_adamw() -> None:
             adamw.step()
     for p, r in zip(params, ref):
         assert_close(p, r.detach(), "AdamW")
+
+
+@pytest.mark.parametrize("chunk", [1 << 15, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_in_place_step_matches_the_reference(name: str, chunk: int, monkeypatch) -> None:
+    """The optimizer's in-place step (``LearnedUpdate.step_``), whole and in chunks of a few
+    elements, writes the parameters and statistics the specification computes."""
+    monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
+    case = CASES[name]
+    spec = case.spec()
+    space = spec.space if isinstance(spec, MonomialSpec) else spec
+    seed = sum(map(ord, name))
+    rule = random_rule(seed, **case.config)
+    x = random_inputs(rule, space, seed, case.nonfinite)
+    expected_params, expected_states, expected_oks = reference_step(rule, spec, x)
+    params = [p.clone() for p in x.params]
+    states = [{k: v.clone() for k, v in s.items()} for s in x.states]
+    oks = rule.step_(spec, params, x.grads, states, x.lrs, x.weight_decays)
+    for i, (p, e) in enumerate(zip(params, expected_params)):
+        assert_close(p, e, f"param {i}")
+    for i, (s, e) in enumerate(zip(states, expected_states)):
+        for k in ("momenta", "v", "step"):
+            assert_close(s[k], e[k], f"{k} {i}")
+    assert [bool(o) for o in oks] == [bool(o) for o in expected_oks]

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,7 +34,13 @@ from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec
 from .plan import N_RELATIONS, SUBSET_SLOTS, BucketPlan, Neighbours, bucket_plan_for, from_canonical, to_canonical
 
 
-class _Pooled:
+class Means(Protocol):
+    """Where a layer reads the means of a bucket's features: ``mean(dims)`` with keepdim."""
+
+    def mean(self, dims: Sequence[int]) -> torch.Tensor: ...
+
+
+class Pooled:
     """Means of one tensor over sets of axes (keepdim), each reduced from the largest cached one."""
 
     def __init__(self, x: torch.Tensor) -> None:
@@ -132,22 +140,48 @@ class NFLayer(nn.Module):
         context and input scales. The work per call does not grow with the number of tensors,
         only with the number of buckets (distinct shapes).
         """
+        pooled = [Pooled(x) for x in xs] if self.pooled else None
+        parts = self.terms(plan, pooled, [x.shape for x in xs], contexts, scales)
+        return [apply(part, x) for part, x in zip(parts, xs)]
+
+    def needed_means(self, plan: BucketPlan, b: int) -> list[tuple[int, ...]]:
+        """The dims of bucket b's stacked features (B, C, *canonical) that :meth:`terms` averages over."""
+        if not self.pooled:
+            return []
+        bucket = plan.buckets[b]
+        ndim = 2 + len(bucket.plan.canonical)
+        dims = [tuple(a + 2 for a in axes) for axes, _ in bucket.plan.subsets]
+        dims += [tuple(d for d in range(2, ndim) if d != ax + 2) for ax, first in enumerate(bucket.sources) if first >= 0]
+        if plan.invariant_rows:
+            dims.append(tuple(range(2, ndim)))
+        return dims
+
+    def terms(
+        self,
+        plan: BucketPlan,
+        pooled: Sequence[Means] | None,
+        shapes: Sequence[torch.Size],
+        contexts: Sequence[torch.Tensor] | None = None,
+        scales: Sequence[torch.Tensor] | None = None,
+    ) -> list[Terms]:
+        """Everything but the per-element channel mixing, per bucket, from the means of its
+        features (``pooled[b].mean(dims)`` for the dims of :meth:`needed_means`): the mixing
+        matrix (scaled per member), the per-member constant and the broadcast terms."""
         if self.context_channels and contexts is None:
             raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
-        buckets = plan.buckets
-        pooled = [_Pooled(x) for x in xs] if self.pooled else []
+        pooled = pooled if self.pooled else None
         g = None
-        if self.pooled and plan.invariant_rows:
+        if pooled is not None and plan.invariant_rows:
             means = torch.cat([
-                _scaled(p.mean(range(2, x.dim())).reshape(x.shape[0], x.shape[1]), scales, b)
-                for b, (p, x) in enumerate(zip(pooled, xs))
+                _scaled(p.mean(tuple(range(2, len(shape)))).reshape(shape[0], shape[1]), scales, b)
+                for b, (p, shape) in enumerate(zip(pooled, shapes))
             ])
             g = means[index(plan.invariant_rows, means.device)].mean(0)
-        targets = self._neighbours(plan, xs, pooled, scales) if self.pooled and plan.neighbours else None
+        targets = self._neighbours(plan, pooled, shapes, scales) if pooled is not None and plan.neighbours else None
         out = []
-        for b, (bucket, x) in enumerate(zip(buckets, xs)):
+        for b, (bucket, shape) in enumerate(zip(plan.buckets, shapes)):
             p, k, s = bucket.plan, bucket.plan.kind, None if scales is None else scales[b]
-            n, c_in = x.shape[0], x.shape[1]
+            n, c_in = shape[0], shape[1]
             const = None
             if bucket.constant:
                 const = self.bias[k].expand(n, -1)
@@ -156,7 +190,7 @@ class NFLayer(nn.Module):
                 if g is not None:
                     const = const + self.G[k] @ g
             terms: list[torch.Tensor] = []
-            if self.pooled:
+            if pooled is not None:
                 for axes, slot in p.subsets:
                     m = pooled[b].mean(tuple(a + 2 for a in axes))
                     w = self.B[slot] if s is None else self.B[slot] * s[:, None, :]
@@ -164,31 +198,36 @@ class NFLayer(nn.Module):
                 for ax, first in enumerate(bucket.targets):
                     if first >= 0:
                         size = p.canonical[ax]
-                        shape = [n, self.out_channels] + [1] * (x.dim() - 2)
-                        shape[ax + 2] = size
-                        terms.append(targets[first : first + n * size].reshape(n, size, -1).transpose(1, 2).reshape(shape))
+                        view = [n, self.out_channels] + [1] * (len(shape) - 2)
+                        view[ax + 2] = size
+                        terms.append(targets[first : first + n * size].reshape(n, size, -1).transpose(1, 2).reshape(view))
             a = self.A[k] if s is None else self.A[k] * s[:, None, :]
-            out.append(_combine(a, x, const, terms))
+            folded = _fold(terms)
+            if const is not None and folded:  # the constant joins a broadcast term: no full-size pass of its own
+                folded[0] = folded[0] + const.reshape(n, -1, *[1] * (len(shape) - 2))
+                const = None
+            out.append(Terms(a, const, folded))
         return out
 
     def _neighbours(
-        self, plan: BucketPlan, xs: Sequence[torch.Tensor], pooled: list[_Pooled], scales: Sequence[torch.Tensor] | None
+        self, plan: BucketPlan, pooled: Sequence[Means], shapes: Sequence[torch.Size], scales: Sequence[torch.Tensor] | None
     ) -> torch.Tensor:
         """Every neighbour vector of the weight space, as rows of one (n_targets, C_out) tensor."""
         nb = plan.neighbours
         vectors = []
-        for b, (bucket, x) in enumerate(zip(plan.buckets, xs)):
+        for b, (bucket, shape) in enumerate(zip(plan.buckets, shapes)):
             for ax, first in enumerate(bucket.sources):
                 if first >= 0:
-                    v = pooled[b].mean(tuple(d for d in range(2, x.dim()) if d != ax + 2))
-                    v = v.reshape(x.shape[0], x.shape[1], -1)
+                    v = pooled[b].mean(tuple(d for d in range(2, len(shape)) if d != ax + 2))
+                    v = v.reshape(shape[0], shape[1], -1)
                     if scales is not None:
                         v = v * scales[b][:, :, None]
-                    vectors.append(v.transpose(1, 2).reshape(-1, x.shape[1]))
+                    vectors.append(v.transpose(1, 2).reshape(-1, shape[1]))
         sources = torch.cat(vectors)
         nb = _neighbours_on(nb, sources.device, sources.dtype)
         mixed = torch.einsum("vc,roc->rvo", sources, self.N[index(nb.relations, sources.device)])
-        contributions = mixed[nb.relation, nb.src] * nb.weight[:, None]
+        # one flat row index: index_select's backward is an index_add, cheaper than advanced indexing's
+        contributions = mixed.reshape(-1, self.out_channels).index_select(0, nb.rows) * nb.weight[:, None]
         return sources.new_zeros(nb.n_targets, self.out_channels).index_add(0, nb.dst, contributions)
 
 
@@ -201,9 +240,17 @@ def _neighbours_on(nb: Neighbours, device: torch.device, dtype: torch.dtype) -> 
     return nb.to(device, dtype)
 
 
-def _combine(a: torch.Tensor, x: torch.Tensor, const: torch.Tensor | None, terms: list[torch.Tensor]) -> torch.Tensor:
-    """A·x + const + broadcast terms of a bucket, folding small terms into larger ones before the
-    full-size adds. ``a`` is (C_out, C_in) or per member (B, C_out, C_in)."""
+@dataclass(frozen=True)
+class Terms:
+    """A layer's map for one bucket once its pooled statistics are known: y = a·x + const + terms."""
+
+    a: torch.Tensor  # (C_out, C_in), or per member (B, C_out, C_in)
+    const: torch.Tensor | None  # (B, C_out)
+    terms: list[torch.Tensor]  # broadcast against (B, C_out, *canonical), at most a few
+
+
+def _fold(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Broadcast terms summed at their small sizes: each smaller term joins a larger one it fits."""
     acc: list[torch.Tensor] = []
     for term in sorted(terms, key=lambda t: -t.numel()):
         for i, big in enumerate(acc):
@@ -212,13 +259,18 @@ def _combine(a: torch.Tensor, x: torch.Tensor, const: torch.Tensor | None, terms
                 break
         else:
             acc.append(term)
+    return acc
+
+
+def apply(part: Terms, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """A layer's output for stacked features ``x`` (B, C_in, *canonical), or for the chunk of them
+    at ``rows`` of the first canonical axis (the broadcast terms are sliced to match)."""
     n, flat = x.shape[0], x.reshape(x.shape[0], x.shape[1], -1)
-    if a.dim() == 2:
-        a = a.expand(n, -1, -1)
-    y = torch.bmm(a, flat) if const is None else torch.baddbmm(const.unsqueeze(-1), a, flat)
+    a = part.a.expand(n, -1, -1) if part.a.dim() == 2 else part.a
+    y = torch.bmm(a, flat) if part.const is None else torch.baddbmm(part.const.unsqueeze(-1), a, flat)
     y = y.reshape(n, a.shape[1], *x.shape[2:])
-    for term in acc:
-        y.add_(term)
+    for term in part.terms:
+        y.add_(term if rows is None or term.shape[2] == 1 else term[:, :, rows])
     return y
 
 

@@ -7,13 +7,14 @@ tensor's nonlinearity is one that commutes with the factors its elements are mul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec, as_monomial, sign_scale_invariants
-from .layer import NFLayer, per_bucket, stack, unstack
+from .layer import Means, NFLayer, Pooled, apply, per_bucket, stack, unstack
 from .plan import BucketPlan, bucket_plan_for, plan_for
 
 ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
@@ -81,15 +82,99 @@ class NFN(nn.Module):
         scales: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """The network on features stacked per bucket (see :meth:`NFLayer.forward_buckets`)."""
-        acts = [
-            self._act if b.plan.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[b.plan.factor_group]
-            for b in plan.buckets
-        ]
+        acts = self._acts(plan)
         for n, layer in enumerate(self.layers):
             xs = layer.forward_buckets(plan, xs, contexts, scales) if n == 0 else layer.forward_buckets(plan, xs)
             if n < len(self.layers) - 1:
                 xs = [x if act is None else act(x) for act, x in zip(acts, xs)]
         return xs
+
+    def forward_chunked(
+        self,
+        plan: BucketPlan,
+        shapes: Sequence[tuple[int, ...]],
+        chunks: Callable[[int], Iterable[tuple[slice | None, torch.Tensor]]],
+        first_means: Sequence[Means],
+        contexts: Sequence[torch.Tensor] | None,
+        scales: Sequence[torch.Tensor] | None,
+        consume: Callable[[int, slice | None, torch.Tensor], None],
+    ) -> None:
+        """The network over features made chunk by chunk, so that no full-size hidden tensor exists.
+
+        ``chunks(b)`` yields ``(rows, x)``: bucket b's stacked features (B, C_in, *canonical) at
+        ``rows`` of the first canonical axis (``None``: all of it, whose layer outputs are then
+        kept from pass to pass instead of recomputed), always the same chunks in the same order; ``shapes[b]`` is the canonical shape and ``first_means[b]`` the means of all
+        its features that the first layer needs. Each later layer costs one more pass over the
+        chunks to average its input; ``consume(b, rows, y)`` receives the output chunk by chunk.
+        """
+        acts = self._acts(plan)
+
+        def stacked(b: int, channels: int) -> tuple[int, ...]:
+            return (len(plan.buckets[b].members), channels, *shapes[b])
+
+        parts = [self.layers[0].terms(plan, first_means, [stacked(b, self.layers[0].in_channels) for b in range(len(shapes))], contexts, scales)]
+
+        kept: dict[int, tuple[int, torch.Tensor]] = {}  # a whole bucket's deepest output so far
+
+        def through(b: int, rows: slice | None, x: torch.Tensor) -> torch.Tensor:
+            start = 0
+            if rows is None and b in kept:  # a bucket taken whole is not recomputed pass after pass
+                start, x = kept[b]
+            for n in range(start, len(parts)):
+                x = apply(parts[n][b], x, rows)
+                if n < len(self.layers) - 1 and acts[b] is not None:
+                    x = acts[b](x)
+            if rows is None:
+                kept[b] = (len(parts), x)
+            return x
+
+        for layer in self.layers[1:]:
+            means = []
+            for b in range(len(shapes)):
+                acc = ChunkMeans(layer.needed_means(plan, b), stacked(b, layer.in_channels))
+                for rows, x in chunks(b):
+                    acc.add(through(b, rows, x), rows)
+                means.append(acc)
+            parts.append(layer.terms(plan, means, [stacked(b, layer.in_channels) for b in range(len(shapes))]))
+        for b in range(len(shapes)):
+            for rows, x in chunks(b):
+                consume(b, rows, through(b, rows, x))
+
+    def _acts(self, plan: BucketPlan) -> list:
+        return [
+            self._act if b.plan.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[b.plan.factor_group]
+            for b in plan.buckets
+        ]
+
+
+class ChunkMeans:
+    """Means of a bucket's stacked tensor (B, C, *canonical) over given dims, from its chunks
+    along the first canonical axis (dim 2): sums over dims that hold that axis, chunks of the rest."""
+
+    def __init__(self, dims: Sequence[tuple[int, ...]], shape: tuple[int, ...]) -> None:
+        self._shape = shape
+        self._sums: dict[frozenset[int], torch.Tensor] = {}
+        self._parts: dict[frozenset[int], list[torch.Tensor]] = {frozenset(d): [] for d in dims if 2 not in d}
+        self._summed = {frozenset(d) for d in dims if 2 in d}
+        self._means: dict[frozenset[int], torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor, rows: slice | None) -> None:
+        """Take the chunk ``x`` (the whole tensor where ``rows`` is None)."""
+        pooled = Pooled(x)  # each mean reduced from a smaller one where it can
+        for d in self._summed:
+            part = pooled.mean(tuple(d)) * math.prod(x.shape[i] for i in d)
+            self._sums[d] = part if d not in self._sums else self._sums[d] + part
+        for d, parts in self._parts.items():
+            parts.append(pooled.mean(tuple(d)))
+
+    def mean(self, dims: Sequence[int]) -> torch.Tensor:
+        key = frozenset(dims)
+        if self._means is None:
+            means = {d: torch.cat(parts, 2) if len(parts) > 1 else parts[0] for d, parts in self._parts.items()}
+            for d, total in self._sums.items():
+                means[d] = total / math.prod(self._shape[i] for i in d)
+            self._means = means
+        return self._means[key]
 
 
 def _check_features(spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor], channels: int) -> None:

@@ -143,14 +143,17 @@ class Neighbours:
     src: torch.Tensor  # (P,)
     dst: torch.Tensor  # (P,)
     weight: torch.Tensor  # (P,)
+    rows: torch.Tensor  # (P,) relation·n_sources + src: the pair's row in the table of mixed sources
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Neighbours:
+        """The indices on ``device`` and the weights in ``dtype``."""
         return dataclasses.replace(
             self,
             relation=self.relation.to(device),
             src=self.src.to(device),
             dst=self.dst.to(device),
             weight=self.weight.to(device=device, dtype=dtype),
+            rows=self.rows.to(device),
         )
 
 
@@ -213,9 +216,10 @@ def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
                             src += range(first, first + size)
                             dst += range(bucket.targets[ax] + i * size, bucket.targets[ax] + (i + 1) * size)
                             weight += [1.0 / len(tensor_axes)] * size
+        rel_t, src_t = torch.tensor(rel), torch.tensor(src)
         neighbours = Neighbours(
-            n_sources, n_targets, tuple(relations), torch.tensor(rel), torch.tensor(src), torch.tensor(dst),
-            torch.tensor(weight, dtype=torch.float64),
+            n_sources, n_targets, tuple(relations), rel_t, src_t, torch.tensor(dst),
+            torch.tensor(weight, dtype=torch.float64), rel_t * n_sources + src_t,
         )
     invariant = set(plan.invariant)
     rows = tuple(row for row, ti in enumerate(order) if ti in invariant)

@@ -112,6 +112,20 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(torch.linalg.vecdot(flat, flat) / max(flat.shape[2], 1) + eps)
 
 
+def stack_features(
+    p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor
+) -> torch.Tensor:
+    """The per-element channels (B, C, *shape) of B same-shape tensors: p, g, the momenta,
+    sqrt(v̂) and Adam's direction u."""
+    return torch.cat([p.unsqueeze(1), g.unsqueeze(1), state["momenta"], root_v.unsqueeze(1), u.unsqueeze(1)], 1)
+
+
+def context(step: torch.Tensor, inv: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """Each member's per-tensor invariants (B, context_channels): time features tanh(t/s) and the
+    log-RMS of the parameter (from the inverse RMS ``inv`` (B, C) of its channels)."""
+    return torch.cat([torch.tanh(step[:, None] / constant(cfg.time_scales, inv)), (-0.1 * torch.log(inv[:, :1]))], 1)
+
+
 def features(
     p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor,
     cfg: FeatureConfig,
@@ -119,8 +133,6 @@ def features(
     """Per-element features (B, C, *shape) of B same-shape tensors, the inverse RMS of each
     member's channels (B, C) that normalises them (the NFN folds it into its first layer's
     weights), and each member's context vector (B, context_channels)."""
-    x = torch.cat([p.unsqueeze(1), g.unsqueeze(1), state["momenta"], root_v.unsqueeze(1), u.unsqueeze(1)], 1)
+    x = stack_features(p, g, state, u, root_v)
     inv = inverse_rms(x, cfg.rms_eps)
-    scales = constant(cfg.time_scales, p)
-    context = torch.cat([torch.tanh(state["step"][:, None] / scales), (-0.1 * torch.log(inv[:, :1]))], 1)
-    return x, inv, context
+    return x, inv, context(state["step"], inv, cfg)

@@ -365,12 +365,10 @@ class NFNOptimizer(Optimizer):
         rule = self._rule_for(params[0].device, dtype)
         spec = self.spec_for(params)
         work = [p.to(dtype) for p in params]
-        new_params, new_stats, oks = rule(
-            spec, work, [g.to(dtype) for g in grads], [{k: s[k] for k in ("step", "momenta", "v")} for s in states], lrs, wds
-        )
-        torch._foreach_copy_(params, new_params)
-        for state, stats in zip(states, new_stats):
-            state.update(stats)
+        oks = rule.step_(spec, work, [g.to(dtype) for g in grads], states, lrs, wds)
+        converted = [(p, w) for p, w in zip(params, work) if w is not p]  # parameters not in the compute dtype
+        if converted:
+            torch._foreach_copy_([p for p, _ in converted], [w for _, w in converted])
         finite = torch.stack(oks)
         torch._foreach_add_([s["nonfinite_skips"] for s in states], list((1 - finite).to(torch.int64).unbind()))
         if params[0].device.type == "cpu" and not self._warned_nonfinite:

@@ -21,17 +21,18 @@ training is not equivariant to them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .features import FeatureConfig, adam_direction, features, update_statistics
+from .features import FeatureConfig, adam_direction, context, features, stack_features, update_statistics
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, bucket_plan_for, from_canonical, plan_for, to_canonical
-from ..nn.nfn import NFN
+from ..nn.nfn import NFN, ChunkMeans
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,126 @@ class LearnedUpdate(nn.Module):
                 new_states[i] = {k: v[j] for k, v in stats.items()}
         return new_params, new_states, new_oks  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def step_(
+        self,
+        spec: WeightSpaceSpec | MonomialSpec,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[dict[str, torch.Tensor]],
+        lrs: Sequence[float] | None = None,
+        weight_decays: Sequence[float] | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`forward` for an optimizer step: ``params`` are overwritten with their new values
+        and the ``states`` dicts take the new statistics (in new tensors, or written into theirs
+        where a bucket goes in chunks); returns the per-tensor finite flags.
+
+        The same math, with large tensors taken in chunks of rows (:data:`CHUNK_ELEMENTS`
+        elements) so that no full-size feature or hidden tensor is ever materialised: one pass
+        updates the statistics and averages the features, one more per later NF-layer averages
+        its input, and the last writes the parameters. Results agree with :meth:`forward` to
+        rounding (sums are taken in another order).
+        """
+        n = len(params)
+        if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
+            spec = spec.space
+        _check_no_scalings(spec)
+        plan = bucket_plan_for(spec)
+        lrs = [1.0] * n if lrs is None else lrs
+        weight_decays = [0.0] * n if weight_decays is None else weight_decays
+        cfg = self.config.features
+        first = self.nfn.layers[0]
+        work, shapes, contexts, scales, firsts = [], [], [], [], []
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # features and u of buckets taken whole
+        for b, bucket in enumerate(plan.buckets):
+            p, g = _stack(params, bucket), _stack(grads, bucket)
+            state = {k: _stack([s[k] for s in states], bucket) for k in _STATS}
+            ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)
+            if g.device.type != "cpu" or not bool(ok.all()):  # on CPU the check is free and saves a copy
+                g = torch.where(_per_member_like(ok, g) > 0, g, 0.0)
+            step = state["step"] + ok
+            shape = bucket.plan.canonical
+            means = ChunkMeans(first.needed_means(plan, b), (len(bucket.members), first.in_channels, *shape))
+            sumsq = None
+            flips = bucket.plan.factor_group == "sign"
+            if _row_chunks(bucket) == [None]:  # whole: new statistics replace the old, features are kept
+                state = update_statistics(g, state, cfg, ok)
+                u, root_v = adam_direction(state, cfg)
+                x = stack_features(p, g, state, u, root_v)
+                x = to_canonical(_odd_features(x, u) if flips else x, bucket.plan, lead=2)
+                whole[b] = (x, u)
+                sumsq = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
+                means.add(x, None)
+            else:  # in chunks of rows, the statistics overwritten in place
+                for rows in _row_chunks(bucket):
+                    chunk = _rows(state, rows)
+                    new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
+                    chunk["momenta"].copy_(new["momenta"])
+                    chunk["v"].copy_(new["v"])
+                    x = self._chunk_features(p, g, state, step, rows, bucket, flips)
+                    flat = x.reshape(x.shape[0], x.shape[1], -1)
+                    part = torch.linalg.vecdot(flat, flat)
+                    sumsq = part if sumsq is None else sumsq + part
+                    means.add(x, rows)
+                state["step"].copy_(step)
+            inv = torch.rsqrt(sumsq / max(math.prod(bucket.shape), 1) + cfg.rms_eps)
+            work.append((p, g, state, ok, flips))
+            shapes.append(shape)
+            contexts.append(context(step, inv, cfg))
+            scales.append(inv)
+            firsts.append(means)
+
+        def chunks(b: int) -> Iterable[tuple[slice | None, torch.Tensor]]:
+            p, g, state, _, flips = work[b]
+            if b in whole:
+                yield None, whole[b][0]
+                return
+            for rows in _row_chunks(plan.buckets[b]):
+                yield rows, self._chunk_features(p, g, state, state["step"], rows, plan.buckets[b], flips)
+
+        def consume(b: int, rows: slice | None, y: torch.Tensor) -> None:
+            bucket, (p, _, state, ok, flips) = plan.buckets[b], work[b]
+            m = bucket.members
+            if b in whole:
+                u = whole[b][1]
+            else:
+                u, _ = adam_direction({"step": state["step"], **_rows(state, rows)}, cfg)
+            y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:]) if rows is not None else from_canonical(y, bucket.plan, bucket.shape)
+            target = _rows_of(p, rows)
+            target.copy_(self._step(target, u, y, ok, _per_member([lrs[i] for i in m]),
+                                    _per_member([weight_decays[i] for i in m]), flips))
+
+        self.nfn.forward_chunked(plan, shapes, chunks, firsts, contexts, scales, consume)
+        oks: list[torch.Tensor | None] = [None] * n
+        for b, (bucket, (p, _, state, ok, _)) in enumerate(zip(plan.buckets, work)):
+            m = bucket.members
+            if len(m) > 1:  # stacked copies: write the members back
+                torch._foreach_copy_([params[i] for i in m], list(p.unbind(0)))
+            for k in _STATS:
+                if b in whole:  # new tensors
+                    for j, i in enumerate(m):
+                        states[i][k] = state[k][j]
+                elif len(m) > 1:
+                    torch._foreach_copy_([states[i][k] for i in m], list(state[k].unbind(0)))
+            for j, i in enumerate(m):
+                oks[i] = ok[j]
+        return oks  # type: ignore[return-value]
+
+    def _chunk_features(
+        self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], step: torch.Tensor,
+        rows: slice | None, bucket: Bucket, flips: bool,
+    ) -> torch.Tensor:
+        """The stacked features (B, C, *canonical) of a bucket's rows (all of it for None)."""
+        cfg = self.config.features
+        chunk = {"step": step, **_rows(state, rows)}
+        u, root_v = adam_direction(chunk, cfg)
+        x = stack_features(_rows_of(p, rows), _rows_of(g, rows), chunk, u, root_v)
+        if flips:
+            x = _odd_features(x, u)
+        if rows is None:
+            return to_canonical(x, bucket.plan, lead=2)
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *bucket.plan.canonical[1:])
+
     def _statistics(
         self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], flips: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,6 +287,36 @@ class LearnedUpdate(nn.Module):
 
 
 _STATS = ("step", "momenta", "v")
+
+
+CHUNK_ELEMENTS = 1 << 20
+"""Elements of a bucket (all members together) that :meth:`LearnedUpdate.step_` takes at once.
+A bucket up to this size is taken whole, as fast as :meth:`LearnedUpdate.forward`; a larger one
+in chunks of rows, recomputed pass after pass (slower per element, measured 1.5x), so that the
+step's temporaries stay near a few dozen bytes times this many elements whatever the model's size."""
+
+
+def _row_chunks(bucket: Bucket) -> list[slice | None]:
+    """Slices of the first axis of a bucket's tensors, or [None] where it is taken whole (no
+    labelled axis to slice, or an axis order that puts a fixed axis first)."""
+    if bucket.plan.perm is not None or not bucket.plan.neighbours:  # neighbours: one entry per labelled axis
+        return [None]
+    rows = bucket.shape[0]
+    per_row = len(bucket.members) * math.prod(bucket.shape[1:])
+    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    return [None] if step >= rows else [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """Rows of a stacked (B, *shape) tensor's first own axis."""
+    return t if rows is None else t[:, rows]
+
+
+def _rows(state: dict[str, torch.Tensor], rows: slice | None) -> dict[str, torch.Tensor]:
+    """The momenta and second moment of a bucket's rows, as views."""
+    if rows is None:
+        return {"momenta": state["momenta"], "v": state["v"]}
+    return {"momenta": state["momenta"][:, :, rows], "v": state["v"][:, rows]}
 
 
 def _check_no_scalings(spec: WeightSpaceSpec | MonomialSpec) -> None:
