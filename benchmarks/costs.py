@@ -41,6 +41,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nfopt import NFNOptimizer
+
+from .report import write_measurement
 from nfopt.labelling import label_model
 from nfopt.nn.layer import NFLayer
 
@@ -521,11 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, object] | None:
             for c in (8, 16) for backward in (False, True)
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "costs.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "costs.md").write_text(table)
-    print(table)
+    write_measurement(results, markdown(results), args.out, "costs")
     return results
 
 

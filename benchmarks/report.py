@@ -47,6 +47,13 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
 
 
+def write_measurement(results: Mapping[str, Any], table: str, folder: Path, stem: str) -> None:
+    """A measurement's raw JSON and its markdown table, side by side in ``folder``; the table is printed."""
+    write_json(json_ready(results), folder / f"{stem}.json")
+    (folder / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that ran ``module`` with ``argv`` (default: this process's arguments), for reports."""
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])

@@ -38,6 +38,7 @@ from meta_train.trainer import MetaConfig, MetaTrainer
 from nfopt.optim.rule import LearnedUpdate
 
 from .costs import RESULTS, machine, machine_line, synchronize
+from .report import write_measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "meta_train" / "configs" / "default.json"
@@ -159,11 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(torch.device(config.device), config.threads),
         "run": run_result,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "throughput.md").write_text(table)
-    print(table)
+    write_measurement(results, markdown(results), args.out, "throughput")
     return results
 
 
