@@ -225,7 +225,8 @@ class NFLayer(nn.Module):
                     vectors.append(v.transpose(1, 2).reshape(-1, shape[1]))
         sources = torch.cat(vectors)
         nb = _neighbours_on(nb, sources.device, sources.dtype)
-        mixed = torch.einsum("vc,roc->rvo", sources, self.N[index(nb.relations, sources.device)])
+        weights = self.N[index(nb.relations, sources.device)]  # (R, C_out, C_in)
+        mixed = sources @ weights.permute(2, 0, 1).reshape(weights.shape[2], -1)  # (V, R·C_out): one product
         # one flat row index: index_select's backward is an index_add, cheaper than advanced indexing's
         contributions = mixed.reshape(-1, self.out_channels).index_select(0, nb.rows) * nb.weight[:, None]
         return sources.new_zeros(nb.n_targets, self.out_channels).index_add(0, nb.dst, contributions)
@@ -266,9 +267,14 @@ def apply(part: Terms, x: torch.Tensor, rows: slice | None = None) -> torch.Tens
     """A layer's output for stacked features ``x`` (B, C_in, *canonical), or for the chunk of them
     at ``rows`` of the first canonical axis (the broadcast terms are sliced to match)."""
     n, flat = x.shape[0], x.reshape(x.shape[0], x.shape[1], -1)
-    a = part.a.expand(n, -1, -1) if part.a.dim() == 2 else part.a
-    y = torch.bmm(a, flat) if part.const is None else torch.baddbmm(part.const.unsqueeze(-1), a, flat)
-    y = y.reshape(n, a.shape[1], *x.shape[2:])
+    a = part.a
+    if n == 1:  # a plain matrix product is cheaper, and so is its backward
+        a = a.reshape(a.shape[-2], a.shape[-1])
+        y = torch.mm(a, flat[0]) if part.const is None else torch.addmm(part.const.reshape(-1, 1), a, flat[0])
+    else:
+        a = a.expand(n, -1, -1) if a.dim() == 2 else a
+        y = torch.bmm(a, flat) if part.const is None else torch.baddbmm(part.const.unsqueeze(-1), a, flat)
+    y = y.reshape(n, a.shape[-2], *x.shape[2:])
     for term in part.terms:
         y.add_(term if rows is None or term.shape[2] == 1 else term[:, :, rows])
     return y

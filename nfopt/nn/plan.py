@@ -143,7 +143,7 @@ class Neighbours:
     src: torch.Tensor  # (P,)
     dst: torch.Tensor  # (P,)
     weight: torch.Tensor  # (P,)
-    rows: torch.Tensor  # (P,) relation·n_sources + src: the pair's row in the table of mixed sources
+    rows: torch.Tensor  # (P,) src·len(relations) + relation: the pair's row in the table of mixed sources
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Neighbours:
         """The indices on ``device`` and the weights in ``dtype``."""
@@ -219,7 +219,7 @@ def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
         rel_t, src_t = torch.tensor(rel), torch.tensor(src)
         neighbours = Neighbours(
             n_sources, n_targets, tuple(relations), rel_t, src_t, torch.tensor(dst),
-            torch.tensor(weight, dtype=torch.float64), rel_t * n_sources + src_t,
+            torch.tensor(weight, dtype=torch.float64), src_t * len(relations) + rel_t,
         )
     invariant = set(plan.invariant)
     rows = tuple(row for row, ti in enumerate(order) if ti in invariant)
