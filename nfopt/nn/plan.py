@@ -132,28 +132,22 @@ class Neighbours:
 
     Pooled vectors of all buckets' source axes are stacked into ``n_sources`` rows (one row per
     neuron of each member tensor's axis); neighbour vectors of all target axes into ``n_targets``
-    rows. Pair ``i`` adds ``weight[i]·N[relations[relation[i]]]·source[src[i]]`` to row
-    ``dst[i]``: the mean over a relation's member axes, mixed by that relation's matrix.
+    rows. Pair ``i`` adds ``weight[i]`` times row ``rows[i]`` of the table of sources mixed by
+    every present relation (row ``source·len(relations) + relation``) to row ``dst[i]``: the mean
+    over a relation's member axes, mixed by that relation's matrix.
     """
 
     n_sources: int
     n_targets: int
     relations: tuple[int, ...]  # relation ids present
-    relation: torch.Tensor  # (P,) index into relations
-    src: torch.Tensor  # (P,)
+    rows: torch.Tensor  # (P,)
     dst: torch.Tensor  # (P,)
     weight: torch.Tensor  # (P,)
-    rows: torch.Tensor  # (P,) src·len(relations) + relation: the pair's row in the table of mixed sources
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Neighbours:
         """The indices on ``device`` and the weights in ``dtype``."""
         return dataclasses.replace(
-            self,
-            relation=self.relation.to(device),
-            src=self.src.to(device),
-            dst=self.dst.to(device),
-            weight=self.weight.to(device=device, dtype=dtype),
-            rows=self.rows.to(device),
+            self, rows=self.rows.to(device), dst=self.dst.to(device), weight=self.weight.to(device=device, dtype=dtype)
         )
 
 
@@ -216,10 +210,10 @@ def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
                             src += range(first, first + size)
                             dst += range(bucket.targets[ax] + i * size, bucket.targets[ax] + (i + 1) * size)
                             weight += [1.0 / len(tensor_axes)] * size
-        rel_t, src_t = torch.tensor(rel), torch.tensor(src)
+        rows = [s * len(relations) + r for s, r in zip(src, rel)]
         neighbours = Neighbours(
-            n_sources, n_targets, tuple(relations), rel_t, src_t, torch.tensor(dst),
-            torch.tensor(weight, dtype=torch.float64), src_t * len(relations) + rel_t,
+            n_sources, n_targets, tuple(relations), torch.tensor(rows), torch.tensor(dst),
+            torch.tensor(weight, dtype=torch.float64),
         )
     invariant = set(plan.invariant)
     rows = tuple(row for row, ti in enumerate(order) if ti in invariant)

@@ -67,7 +67,7 @@ def init_state(p: torch.Tensor, cfg: FeatureConfig) -> dict[str, torch.Tensor]:
     }
 
 
-def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) per-member values shaped to broadcast over a (B, *rest) tensor like ``like``."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -84,7 +84,7 @@ def update_statistics(
     momenta = state["momenta"]
     rates = ok[:, None] * constant([1 - d for d in cfg.momentum_decays], g)
     momenta = torch.lerp(momenta, g.unsqueeze(1).expand_as(momenta), rates.reshape(*rates.shape, *([1] * (g.dim() - 1))))
-    v = torch.lerp(state["v"], g * g, _per_member((1 - cfg.beta2) * ok, g))
+    v = torch.lerp(state["v"], g * g, per_member((1 - cfg.beta2) * ok, g))
     return {"step": state["step"] + ok, "momenta": momenta, "v": v}
 
 
@@ -99,8 +99,8 @@ def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[
     (statistics as in :func:`update_statistics`); at step 0 both are zero."""
     v = state["v"]
     t = state["step"].clamp(min=1)
-    bc1 = _per_member(1 - cfg.momentum_decays[cfg.adam_momentum] ** t, v)
-    bc2 = _per_member(1 - cfg.beta2**t, v)
+    bc1 = per_member(1 - cfg.momentum_decays[cfg.adam_momentum] ** t, v)
+    bc2 = per_member(1 - cfg.beta2**t, v)
     root_v = torch.sqrt(v / bc2 + _SQRT_FLOOR)
     u = state["momenta"][:, cfg.adam_momentum] / bc1 / (root_v + cfg.eps)
     return u, root_v

@@ -24,14 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .features import FeatureConfig, adam_direction, context, features, stack_features, update_statistics
+from .features import FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics
 from ..weight_space import MonomialSpec, WeightSpaceSpec
-from ..nn.plan import Bucket, bucket_plan_for, from_canonical, plan_for, to_canonical
+from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans
 
 
@@ -102,33 +103,20 @@ class LearnedUpdate(nn.Module):
         they were (its gradient reads as zero and its other features come from the held, finite
         statistics, so it cannot poison the pooled terms of others).
         """
-        n = len(params)
-        if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
-            spec = spec.space  # a rule meta-trained without sign flips reads only the permutations
-        _check_no_scalings(spec)
-        plan = bucket_plan_for(spec)
-        lrs = [1.0] * n if lrs is None else lrs
-        weight_decays = [0.0] * n if weight_decays is None else weight_decays
-        buckets = [
-            self._statistics(
-                _stack(params, b), _stack(grads, b), {k: _stack([s[k] for s in states], b) for k in _STATS},
-                b.plan.factor_group == "sign",
-            )
-            for b in plan.buckets
-        ]
-        xs = [to_canonical(x, b.plan, lead=2) for b, (x, *_) in zip(plan.buckets, buckets)]
-        ys = self.nfn.forward_buckets(plan, xs, [c for *_, c, _ in buckets], [s for *_, s in buckets])
-        new_params: list[torch.Tensor | None] = [None] * n
-        new_states: list[dict[str, torch.Tensor] | None] = [None] * n
-        new_oks: list[torch.Tensor | None] = [None] * n
-        for bucket, y, (_, p, u, stats, ok, _, _) in zip(plan.buckets, ys, buckets):
+        plan, lrs, weight_decays = self._plan(spec, len(params), lrs, weight_decays)
+        buckets = [self._statistics(b, *_stacked(b, params, grads, states)) for b in plan.buckets]
+        xs = [to_canonical(s.x, b.plan, lead=2) for b, s in zip(plan.buckets, buckets)]
+        ys = self.nfn.forward_buckets(plan, xs, [s.context for s in buckets], [s.scale for s in buckets])
+        new_params: list[torch.Tensor | None] = [None] * len(params)
+        new_states: list[dict[str, torch.Tensor] | None] = [None] * len(params)
+        new_oks: list[torch.Tensor | None] = [None] * len(params)
+        for bucket, y, s in zip(plan.buckets, ys, buckets):
             m = bucket.members
             y = from_canonical(y, bucket.plan, bucket.shape)
-            new = self._step(p, u, y, ok, _per_member([lrs[i] for i in m]), _per_member([weight_decays[i] for i in m]),
-                             bucket.plan.factor_group == "sign")
+            new = self._step(s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket))
             for j, i in enumerate(m):
-                new_params[i], new_oks[i] = new[j], ok[j]
-                new_states[i] = {k: v[j] for k, v in stats.items()}
+                new_params[i], new_oks[i] = new[j], s.ok[j]
+                new_states[i] = {k: v[j] for k, v in s.state.items()}
         return new_params, new_states, new_oks  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -151,132 +139,126 @@ class LearnedUpdate(nn.Module):
         its input, and the last writes the parameters. Results agree with :meth:`forward` to
         rounding (sums are taken in another order).
         """
-        n = len(params)
-        if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
-            spec = spec.space
-        _check_no_scalings(spec)
-        plan = bucket_plan_for(spec)
-        lrs = [1.0] * n if lrs is None else lrs
-        weight_decays = [0.0] * n if weight_decays is None else weight_decays
+        plan, lrs, weight_decays = self._plan(spec, len(params), lrs, weight_decays)
         cfg = self.config.features
         first = self.nfn.layers[0]
-        work, shapes, contexts, scales, firsts = [], [], [], [], []
-        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # features and u of buckets taken whole
+        work: list[_BucketStep] = []
+        firsts = []
         for b, bucket in enumerate(plan.buckets):
-            p, g = _stack(params, bucket), _stack(grads, bucket)
-            state = {k: _stack([s[k] for s in states], bucket) for k in _STATS}
-            ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)
-            if g.device.type != "cpu" or not bool(ok.all()):  # on CPU the check is free and saves a copy
-                g = torch.where(_per_member_like(ok, g) > 0, g, 0.0)
-            step = state["step"] + ok
-            shape = bucket.plan.canonical
-            means = ChunkMeans(first.needed_means(plan, b), (len(bucket.members), first.in_channels, *shape))
-            sumsq = None
-            flips = bucket.plan.factor_group == "sign"
-            if _row_chunks(bucket) == [None]:  # whole: new statistics replace the old, features are kept
-                state = update_statistics(g, state, cfg, ok)
-                u, root_v = adam_direction(state, cfg)
-                x = stack_features(p, g, state, u, root_v)
-                x = to_canonical(_odd_features(x, u) if flips else x, bucket.plan, lead=2)
-                whole[b] = (x, u)
-                sumsq = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
-                means.add(x, None)
+            shape = (len(bucket.members), first.in_channels, *bucket.plan.canonical)
+            means = ChunkMeans(first.needed_means(plan, b), shape)
+            if _row_chunks(bucket, CHUNK_ELEMENTS) == (None,):  # whole: as forward, its features kept
+                s = self._statistics(bucket, *_stacked(bucket, params, grads, states))
+                s = s._replace(x=to_canonical(s.x, bucket.plan, lead=2))
+                means.add(s.x, None)
             else:  # in chunks of rows, the statistics overwritten in place
-                for rows in _row_chunks(bucket):
-                    chunk = _rows(state, rows)
-                    new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
-                    chunk["momenta"].copy_(new["momenta"])
-                    chunk["v"].copy_(new["v"])
-                    x = self._chunk_features(p, g, state, step, rows, bucket, flips)
-                    flat = x.reshape(x.shape[0], x.shape[1], -1)
-                    part = torch.linalg.vecdot(flat, flat)
-                    sumsq = part if sumsq is None else sumsq + part
-                    means.add(x, rows)
-                state["step"].copy_(step)
-            inv = torch.rsqrt(sumsq / max(math.prod(bucket.shape), 1) + cfg.rms_eps)
-            work.append((p, g, state, ok, flips))
-            shapes.append(shape)
-            contexts.append(context(step, inv, cfg))
-            scales.append(inv)
+                s = self._chunked_statistics(bucket, *_stacked(bucket, params, grads, states), means)
+            work.append(s)
             firsts.append(means)
 
         def chunks(b: int) -> Iterable[tuple[slice | None, torch.Tensor]]:
-            p, g, state, _, flips = work[b]
-            if b in whole:
-                yield None, whole[b][0]
+            s = work[b]
+            if s.x is not None:
+                yield None, s.x
                 return
-            for rows in _row_chunks(plan.buckets[b]):
-                yield rows, self._chunk_features(p, g, state, state["step"], rows, plan.buckets[b], flips)
+            for rows in _row_chunks(plan.buckets[b], CHUNK_ELEMENTS):
+                yield rows, self._chunk_features(plan.buckets[b], s, rows)
 
         def consume(b: int, rows: slice | None, y: torch.Tensor) -> None:
-            bucket, (p, _, state, ok, flips) = plan.buckets[b], work[b]
-            m = bucket.members
-            if b in whole:
-                u = whole[b][1]
+            bucket, s = plan.buckets[b], work[b]
+            if s.u is not None:
+                u, y = s.u, from_canonical(y, bucket.plan, bucket.shape)
             else:
-                u, _ = adam_direction({"step": state["step"], **_rows(state, rows)}, cfg)
-            y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:]) if rows is not None else from_canonical(y, bucket.plan, bucket.shape)
-            target = _rows_of(p, rows)
-            target.copy_(self._step(target, u, y, ok, _per_member([lrs[i] for i in m]),
-                                    _per_member([weight_decays[i] for i in m]), flips))
+                u, _ = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, cfg)
+                y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
+            target = _rows_of(s.p, rows)
+            m = bucket.members
+            target.copy_(self._step(target, u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket)))
 
-        self.nfn.forward_chunked(plan, shapes, chunks, firsts, contexts, scales, consume)
-        oks: list[torch.Tensor | None] = [None] * n
-        for b, (bucket, (p, _, state, ok, _)) in enumerate(zip(plan.buckets, work)):
+        shapes = [b.plan.canonical for b in plan.buckets]
+        self.nfn.forward_chunked(plan, shapes, chunks, firsts, [s.context for s in work], [s.scale for s in work], consume)
+        oks: list[torch.Tensor | None] = [None] * len(params)
+        for bucket, s in zip(plan.buckets, work):
             m = bucket.members
             if len(m) > 1:  # stacked copies: write the members back
-                torch._foreach_copy_([params[i] for i in m], list(p.unbind(0)))
+                torch._foreach_copy_([params[i] for i in m], list(s.p.unbind(0)))
             for k in _STATS:
-                if b in whole:  # new tensors
+                if s.x is not None:  # new tensors
                     for j, i in enumerate(m):
-                        states[i][k] = state[k][j]
+                        states[i][k] = s.state[k][j]
                 elif len(m) > 1:
-                    torch._foreach_copy_([states[i][k] for i in m], list(state[k].unbind(0)))
+                    torch._foreach_copy_([states[i][k] for i in m], list(s.state[k].unbind(0)))
             for j, i in enumerate(m):
-                oks[i] = ok[j]
+                oks[i] = s.ok[j]
         return oks  # type: ignore[return-value]
 
-    def _chunk_features(
-        self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], step: torch.Tensor,
-        rows: slice | None, bucket: Bucket, flips: bool,
-    ) -> torch.Tensor:
-        """The stacked features (B, C, *canonical) of a bucket's rows (all of it for None)."""
-        cfg = self.config.features
-        chunk = {"step": step, **_rows(state, rows)}
-        u, root_v = adam_direction(chunk, cfg)
-        x = stack_features(_rows_of(p, rows), _rows_of(g, rows), chunk, u, root_v)
-        if flips:
-            x = _odd_features(x, u)
-        if rows is None:
-            return to_canonical(x, bucket.plan, lead=2)
-        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *bucket.plan.canonical[1:])
+    def _plan(
+        self, spec: WeightSpaceSpec | MonomialSpec, n: int, lrs: Sequence[float] | None, weight_decays: Sequence[float] | None
+    ) -> tuple[BucketPlan, Sequence[float], Sequence[float]]:
+        """The buckets of the space this rule reads, and the per-tensor rates with their defaults."""
+        if isinstance(spec, MonomialSpec) and not self.config.sign_flips:
+            spec = spec.space  # a rule meta-trained without sign flips reads only the permutations
+        _check_no_scalings(spec)
+        return bucket_plan_for(spec), [1.0] * n if lrs is None else lrs, [0.0] * n if weight_decays is None else weight_decays
 
     def _statistics(
-        self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], flips: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a bucket's stacked params and grads (B, *shape) and statistics: its features,
-        params, Adam direction, new statistics, finite flags (B,), context and input scales."""
+        self, bucket: Bucket, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> _BucketStep:
+        """A bucket's step before the NFN, from its stacked params and grads (B, *shape) and
+        statistics: features, new statistics, Adam direction, finite flags, context and scales."""
         cfg = self.config.features
-        ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)  # one read; inf/NaN survive a sum
-        g = torch.where(_per_member_like(ok, g) > 0, g, 0.0)
+        g, ok = _finite(g)
         state = update_statistics(g, state, cfg, ok)
         u, root_v = adam_direction(state, cfg)
-        x, inv, context = features(p, g, state, u, root_v, cfg)
-        return (_odd_features(x, u) if flips else x), p, u, state, ok, context, inv
+        x, inv, context_ = features(p, g, state, u, root_v, cfg)
+        return _BucketStep(_odd_features(x, u) if _flips(bucket) else x, p, g, u, state, ok, context_, inv)
+
+    def _chunked_statistics(
+        self, bucket: Bucket, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], means: ChunkMeans
+    ) -> _BucketStep:
+        """:meth:`_statistics` row chunk by row chunk: the statistics are written in place, the
+        features only averaged into ``means`` (later passes recompute them), so ``x`` and ``u``
+        are left None."""
+        cfg = self.config.features
+        g, ok = _finite(g)
+        step = state["step"] + ok
+        sumsq = None
+        for rows in _row_chunks(bucket, CHUNK_ELEMENTS):
+            chunk = _rows(state, rows)
+            new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
+            chunk["momenta"].copy_(new["momenta"])
+            chunk["v"].copy_(new["v"])
+            s = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
+            x = self._chunk_features(bucket, s, rows)
+            part = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
+            sumsq = part if sumsq is None else sumsq + part
+            means.add(x, rows)
+        state["step"].copy_(step)
+        inv = torch.rsqrt(sumsq / max(math.prod(bucket.shape), 1) + cfg.rms_eps)
+        return _BucketStep(None, p, g, None, state, ok, context(step, inv, cfg), inv)
+
+    def _chunk_features(self, bucket: Bucket, s: _BucketStep, rows: slice) -> torch.Tensor:
+        """The stacked features (B, C, rows, *canonical[1:]) of a chunked bucket's rows."""
+        chunk = {"step": s.state["step"], **_rows(s.state, rows)}
+        u, root_v = adam_direction(chunk, self.config.features)
+        x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v)
+        if _flips(bucket):
+            x = _odd_features(x, u)
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *bucket.plan.canonical[1:])
 
     def _step(
-        self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, lr: float | torch.Tensor | list[float | torch.Tensor],
-        wd: float | Sequence[float], flips: bool,
+        self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor,
+        lrs: list[float | torch.Tensor], weight_decays: list[float | torch.Tensor], flips: bool,
     ) -> torch.Tensor:
         """New params of a bucket from the NFN's output ``y`` (B, 2, *shape): the bounded
-        residual on Adam's direction, scaled, with decoupled weight decay."""
+        residual on Adam's direction, scaled, with decoupled weight decay at the members' rates."""
         alpha, beta, gamma = self.scalars()
         bound, limit = self.config.max_deviation, self.config.max_log_scale
         deviation = torch.tanh(y[:, 0] * (beta / bound))
         c = y[:, 1] * torch.sign(u) if flips else y[:, 1]
         step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * c, -limit, limit))
-        lr, wd = _as_member_tensor(lr, p), _as_member_tensor(wd, p)
-        rate = (lr * _per_member_like(ok, p)) * alpha
+        lr, wd = _member_values(lrs, p), _member_values(weight_decays, p)
+        rate = (lr * per_member(ok, p)) * alpha
         decayed = p * (1 - rate * wd) if torch.is_tensor(wd) or wd else p
         return torch.addcmul(decayed, -rate, step)
 
@@ -289,22 +271,37 @@ class LearnedUpdate(nn.Module):
 _STATS = ("step", "momenta", "v")
 
 
+class _BucketStep(NamedTuple):
+    """What a bucket's step computes before the NFN; ``x`` and ``u`` are None for a bucket taken
+    in chunks, whose features are recomputed chunk by chunk."""
+
+    x: torch.Tensor | None  # features (B, C, *shape), or canonical in the in-place step
+    p: torch.Tensor
+    g: torch.Tensor  # finite: zero for members whose gradient was not
+    u: torch.Tensor | None
+    state: dict[str, torch.Tensor]  # the new statistics
+    ok: torch.Tensor  # (B,) 1 where the gradient was finite
+    context: torch.Tensor
+    scale: torch.Tensor  # (B, C) inverse RMS of the features
+
+
 CHUNK_ELEMENTS = 1 << 20
 """Elements of a bucket (all members together) that :meth:`LearnedUpdate.step_` takes at once.
 A bucket up to this size is taken whole, as fast as :meth:`LearnedUpdate.forward`; a larger one
-in chunks of rows, recomputed pass after pass (slower per element, measured 1.5x), so that the
+in chunks of rows whose features are recomputed pass after pass (slower per element), so that the
 step's temporaries stay near a few dozen bytes times this many elements whatever the model's size."""
 
 
-def _row_chunks(bucket: Bucket) -> list[slice | None]:
-    """Slices of the first axis of a bucket's tensors, or [None] where it is taken whole (no
-    labelled axis to slice, or an axis order that puts a fixed axis first)."""
+@lru_cache(maxsize=1024)
+def _row_chunks(bucket: Bucket, chunk_elements: int) -> tuple[slice | None, ...]:
+    """Slices of the first axis of a bucket's tensors, or (None,) where it is taken whole (small,
+    no labelled axis to slice, or an axis order that puts a fixed axis first); made once."""
     if bucket.plan.perm is not None or not bucket.plan.neighbours:  # neighbours: one entry per labelled axis
-        return [None]
+        return (None,)
     rows = bucket.shape[0]
     per_row = len(bucket.members) * math.prod(bucket.shape[1:])
-    step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    return [None] if step >= rows else [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    step = max(1, chunk_elements // max(per_row, 1))
+    return (None,) if step >= rows else tuple(slice(i, min(i + step, rows)) for i in range(0, rows, step))
 
 
 def _rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
@@ -330,31 +327,41 @@ def _check_no_scalings(spec: WeightSpaceSpec | MonomialSpec) -> None:
         )
 
 
-def _stack(tensors: Sequence[torch.Tensor], bucket: Bucket) -> torch.Tensor:
-    """A bucket's members' tensors stacked (a view for a bucket of one)."""
+def _stacked(
+    bucket: Bucket, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A bucket's params, grads and statistics stacked over its members (views for a bucket of one)."""
     m = bucket.members
-    return tensors[m[0]].unsqueeze(0) if len(m) == 1 else torch.stack([tensors[i] for i in m])
+
+    def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return tensors[m[0]].unsqueeze(0) if len(m) == 1 else torch.stack([tensors[i] for i in m])
+
+    return stack(params), stack(grads), {k: stack([s[k] for s in states]) for k in _STATS}
 
 
-def _per_member(values: list[float | torch.Tensor]) -> float | torch.Tensor | list[float | torch.Tensor]:
-    """One value where every member has the same (no tensor to build on each step), else the list."""
+def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked gradients with non-finite members zeroed, and the flags (B,) of the finite ones.
+
+    One read finds them (inf and NaN survive a sum). On CPU, where asking costs no sync, the
+    zeroing copy is made only when some member needs it.
+    """
+    ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)
+    if g.device.type != "cpu" or not bool(ok.all()):
+        g = torch.where(per_member(ok, g) > 0, g, 0.0)
+    return g, ok
+
+
+def _flips(bucket: Bucket) -> bool:
+    return bucket.plan.factor_group == "sign"
+
+
+def _member_values(values: list[float | torch.Tensor], like: torch.Tensor) -> float | torch.Tensor:
+    """A learning rate or weight decay of a bucket's members: the one value where all share it (no
+    tensor to build on each step), else a (B, 1, ...) tensor."""
     first = values[0]
-    same = all(v is first for v in values) or (
-        isinstance(first, float) and all(isinstance(v, float) and v == first for v in values)
-    )
-    return first if same else values
-
-
-def _as_member_tensor(values: float | torch.Tensor | list[float | torch.Tensor], like: torch.Tensor) -> float | torch.Tensor:
-    """A learning rate or weight decay per member: a scalar for all, or a (B, 1, ...) tensor."""
-    if not isinstance(values, list):
-        return values
-    stacked = torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values])
-    return _per_member_like(stacked, like)
-
-
-def _per_member_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
+    if all(v is first for v in values) or (isinstance(first, float) and all(isinstance(v, float) and v == first for v in values)):
+        return first
+    return per_member(torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values]), like)
 
 
 def _odd_features(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

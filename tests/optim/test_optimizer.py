@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.costs import count_aten_ops
 from nfopt import NFNOptimizer, label_model, label_monomial
 from nfopt.optim.features import FeatureConfig
 
@@ -352,26 +352,12 @@ def test_labelling_of_another_type_is_a_type_error():
         NFNOptimizer.for_model(model, rule=fresh_rule(), labelling=label_model(model))
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the ATen operations dispatched while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_step(model: nn.Module, labelled: bool) -> int:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt = NFNOptimizer.for_model(model) if labelled else NFNOptimizer(model.parameters())
     opt.step()  # lazy state and plans
-    with _CountOps() as counter:
-        opt.step()
-    return counter.count
+    return count_aten_ops(opt.step)
 
 
 @pytest.mark.parametrize("labelled", [False, True], ids=["bare", "for_model"])
