@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec, as_monomial, sign_scale_invariants
-from .layer import Means, NFLayer, Pooled, apply, per_bucket, stack, unstack
+from .layer import Means, NFLayer, Pooled, Terms, apply, per_bucket, stack, unstack
 from .plan import BucketPlan, bucket_plan_for, plan_for
 
 ACTIVATIONS = {"relu": torch.relu_, "gelu": nn.functional.gelu, "tanh": torch.tanh_}
@@ -82,69 +83,102 @@ class NFN(nn.Module):
         scales: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """The network on features stacked per bucket (see :meth:`NFLayer.forward_buckets`)."""
-        acts = self._acts(plan)
+        acts = self.activations(plan)
         for n, layer in enumerate(self.layers):
             xs = layer.forward_buckets(plan, xs, contexts, scales) if n == 0 else layer.forward_buckets(plan, xs)
             if n < len(self.layers) - 1:
                 xs = [x if act is None else act(x) for act, x in zip(acts, xs)]
         return xs
 
-    def forward_chunked(
+    def forward_in_passes(
         self,
         plan: BucketPlan,
-        shapes: Sequence[tuple[int, ...]],
-        chunks: Callable[[int], Iterable[tuple[slice | None, torch.Tensor]]],
+        passes: Sequence[BucketPasses],
         first_means: Sequence[Means],
         contexts: Sequence[torch.Tensor] | None,
         scales: Sequence[torch.Tensor] | None,
-        consume: Callable[[int, slice | None, torch.Tensor], None],
     ) -> None:
-        """The network over features made chunk by chunk, so that no full-size hidden tensor exists.
+        """The network pass by pass over every bucket, so that no full-size hidden tensor need exist.
 
-        ``chunks(b)`` yields ``(rows, x)``: bucket b's stacked features (B, C_in, *canonical) at
-        ``rows`` of the first canonical axis (``None``: all of it, whose layer outputs are then
-        kept from pass to pass instead of recomputed), always the same chunks in the same order; ``shapes[b]`` is the canonical shape and ``first_means[b]`` the means of all
-        its features that the first layer needs. Each later layer costs one more pass over the
-        chunks to average its input; ``consume(b, rows, y)`` receives the output chunk by chunk.
+        ``first_means[b]`` holds the means of bucket b's features that the first layer needs;
+        each later layer costs one more pass (``passes[b].means``) to average its input, once the
+        previous layers' terms of every bucket are known (neighbour terms read other buckets);
+        ``passes[b].finish`` gets every layer's terms and consumes the output.
         """
-        acts = self._acts(plan)
+        def stacked(channels: int) -> list[tuple[int, ...]]:
+            return [(len(b.members), channels, *b.plan.canonical) for b in plan.buckets]
 
-        def stacked(b: int, channels: int) -> tuple[int, ...]:
-            return (len(plan.buckets[b].members), channels, *shapes[b])
-
-        parts = [self.layers[0].terms(plan, first_means, [stacked(b, self.layers[0].in_channels) for b in range(len(shapes))], contexts, scales)]
-
-        kept: dict[int, tuple[int, torch.Tensor]] = {}  # a whole bucket's deepest output so far
-
-        def through(b: int, rows: slice | None, x: torch.Tensor) -> torch.Tensor:
-            start = 0
-            if rows is None and b in kept:  # a bucket taken whole is not recomputed pass after pass
-                start, x = kept[b]
-            for n in range(start, len(parts)):
-                x = apply(parts[n][b], x, rows)
-                if n < len(self.layers) - 1 and acts[b] is not None:
-                    x = acts[b](x)
-            if rows is None:
-                kept[b] = (len(parts), x)
-            return x
-
+        first = self.layers[0]
+        parts = [first.terms(plan, first_means, stacked(first.in_channels), contexts, scales)]
         for layer in self.layers[1:]:
-            means = []
-            for b in range(len(shapes)):
-                acc = ChunkMeans(layer.needed_means(plan, b), stacked(b, layer.in_channels))
-                for rows, x in chunks(b):
-                    acc.add(through(b, rows, x), rows)
-                means.append(acc)
-            parts.append(layer.terms(plan, means, [stacked(b, layer.in_channels) for b in range(len(shapes))]))
-        for b in range(len(shapes)):
-            for rows, x in chunks(b):
-                consume(b, rows, through(b, rows, x))
+            means = [p.means([part[b] for part in parts], layer.needed_means(plan, b)) for b, p in enumerate(passes)]
+            parts.append(layer.terms(plan, means, stacked(layer.in_channels)))
+        for b, p in enumerate(passes):
+            p.finish([part[b] for part in parts])
 
-    def _acts(self, plan: BucketPlan) -> list:
+    def activations(self, plan: BucketPlan) -> list[Callable[[torch.Tensor], torch.Tensor] | None]:
+        """The nonlinearity between layers for each bucket (see :data:`EQUIVARIANT_ACTIVATIONS`)."""
         return [
             self._act if b.plan.factor_group == "none" else EQUIVARIANT_ACTIVATIONS[b.plan.factor_group]
             for b in plan.buckets
         ]
+
+
+class BucketPasses(Protocol):
+    """How :meth:`NFN.forward_in_passes` runs one bucket's per-element work."""
+
+    def means(self, parts: Sequence[Terms], dims: Sequence[tuple[int, ...]]) -> Means:
+        """The layers of ``parts`` in turn (each but the network's last followed by its
+        nonlinearity), and the means of the result over each of ``dims``."""
+        ...
+
+    def finish(self, parts: Sequence[Terms]) -> None:
+        """The whole network, its output consumed."""
+        ...
+
+
+class ChunkPasses:
+    """A bucket's passes in PyTorch ops over chunks of its rows.
+
+    ``chunks()`` yields ``(rows, x)``: the stacked features (B, C_in, *canonical) at ``rows`` of
+    the first canonical axis, the same chunks each time; ``None`` means the whole bucket, whose
+    layer outputs are then kept from pass to pass instead of recomputed. ``consume(rows, y)``
+    receives the output chunk by chunk.
+    """
+
+    def __init__(
+        self,
+        chunks: Callable[[], Iterable[tuple[slice | None, torch.Tensor]]],
+        consume: Callable[[slice | None, torch.Tensor], None],
+        activation: Callable[[torch.Tensor], torch.Tensor] | None,
+        n_layers: int,
+        shape: tuple[int, ...],
+    ) -> None:
+        """``shape`` is the stacked features' (B, C_in, *canonical)."""
+        self._chunks, self._consume, self._act, self._n_layers, self._shape = chunks, consume, activation, n_layers, shape
+        self._kept: tuple[int, torch.Tensor] | None = None  # a whole bucket's deepest output so far
+
+    def _through(self, parts: Sequence[Terms], rows: slice | None, x: torch.Tensor) -> torch.Tensor:
+        start = 0
+        if rows is None and self._kept is not None:
+            start, x = self._kept
+        for n in range(start, len(parts)):
+            x = apply(parts[n], x, rows)
+            if n < self._n_layers - 1 and self._act is not None:
+                x = self._act(x)
+        if rows is None:
+            self._kept = (len(parts), x)
+        return x
+
+    def means(self, parts: Sequence[Terms], dims: Sequence[tuple[int, ...]]) -> Means:
+        acc = ChunkMeans(dims, (self._shape[0], parts[-1].a.shape[-2], *self._shape[2:]))
+        for rows, x in self._chunks():
+            acc.add(self._through(parts, rows, x), rows)
+        return acc
+
+    def finish(self, parts: Sequence[Terms]) -> None:
+        for rows, x in self._chunks():
+            self._consume(rows, self._through(parts, rows, x))
 
 
 class ChunkMeans:

@@ -88,20 +88,24 @@ def update_statistics(
     return {"step": state["step"] + ok, "momenta": momenta, "v": v}
 
 
-_SQRT_FLOOR = 1e-30
+SQRT_FLOOR = 1e-30
 """Inside sqrt(v̂): an exactly-zero gradient element (a constant input pixel, a dead ReLU) would
 otherwise give sqrt an infinite derivative and the meta-gradient NaN. Far below eps², so a fresh
 rule still steps as Adam."""
+
+
+def bias_corrections(step: torch.Tensor, cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias corrections 1 - β1^t and 1 - β2^t of each member (B,) at its step t (at least 1)."""
+    t = step.clamp(min=1)
+    return 1 - cfg.momentum_decays[cfg.adam_momentum] ** t, 1 - cfg.beta2**t
 
 
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's bias-corrected direction m̂/(sqrt(v̂)+eps), and sqrt(v̂), of B same-shape tensors
     (statistics as in :func:`update_statistics`); at step 0 both are zero."""
     v = state["v"]
-    t = state["step"].clamp(min=1)
-    bc1 = per_member(1 - cfg.momentum_decays[cfg.adam_momentum] ** t, v)
-    bc2 = per_member(1 - cfg.beta2**t, v)
-    root_v = torch.sqrt(v / bc2 + _SQRT_FLOOR)
+    bc1, bc2 = (per_member(c, v) for c in bias_corrections(state["step"], cfg))
+    root_v = torch.sqrt(v / bc2 + SQRT_FLOOR)
     u = state["momenta"][:, cfg.adam_momentum] / bc1 / (root_v + cfg.eps)
     return u, root_v
 

@@ -22,7 +22,7 @@ training is not equivariant to them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -33,7 +33,8 @@ from torch import nn
 from .features import FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
-from ..nn.nfn import NFN, ChunkMeans
+from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
+from .fused import FusedPasses, library as fused_library
 
 
 @dataclass(frozen=True)
@@ -130,66 +131,44 @@ class LearnedUpdate(nn.Module):
         weight_decays: Sequence[float] | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`forward` for an optimizer step: ``params`` are overwritten with their new values
-        and the ``states`` dicts take the new statistics (in new tensors, or written into theirs
-        where a bucket goes in chunks); returns the per-tensor finite flags.
+        and the ``states`` dicts take the new statistics (written into their tensors, or new
+        tensors for small buckets of the PyTorch path); returns the per-tensor finite flags.
 
-        The same math, with large tensors taken in chunks of rows (:data:`CHUNK_ELEMENTS`
-        elements) so that no full-size feature or hidden tensor is ever materialised: one pass
-        updates the statistics and averages the features, one more per later NF-layer averages
-        its input, and the last writes the parameters. Results agree with :meth:`forward` to
-        rounding (sums are taken in another order).
+        The same math, pass by pass over the elements, so that no full-size feature or hidden
+        tensor need exist: one pass updates the statistics and averages the features, one more
+        per later NF-layer averages its input, and the last writes the parameters. On the CPU a
+        compiled loop runs each pass (:mod:`nfopt.optim.fused`); elsewhere PyTorch ops do, whole
+        for small buckets and in chunks of rows (:data:`CHUNK_ELEMENTS`) for large ones. Results
+        agree with :meth:`forward` to rounding (sums are taken in another order).
         """
         plan, lrs, weight_decays = self._plan(spec, len(params), lrs, weight_decays)
-        cfg = self.config.features
         first = self.nfn.layers[0]
-        work: list[_BucketStep] = []
-        firsts = []
-        for b, bucket in enumerate(plan.buckets):
-            shape = (len(bucket.members), first.in_channels, *bucket.plan.canonical)
-            means = ChunkMeans(first.needed_means(plan, b), shape)
-            if _row_chunks(bucket, CHUNK_ELEMENTS) == (None,):  # whole: as forward, its features kept
-                s = self._statistics(bucket, *_stacked(bucket, params, grads, states))
-                s = s._replace(x=to_canonical(s.x, bucket.plan, lead=2))
-                means.add(s.x, None)
-            else:  # in chunks of rows, the statistics overwritten in place
-                s = self._chunked_statistics(bucket, *_stacked(bucket, params, grads, states), means)
-            work.append(s)
-            firsts.append(means)
-
-        def chunks(b: int) -> Iterable[tuple[slice | None, torch.Tensor]]:
-            s = work[b]
-            if s.x is not None:
-                yield None, s.x
-                return
-            for rows in _row_chunks(plan.buckets[b], CHUNK_ELEMENTS):
-                yield rows, self._chunk_features(plan.buckets[b], s, rows)
-
-        def consume(b: int, rows: slice | None, y: torch.Tensor) -> None:
-            bucket, s = plan.buckets[b], work[b]
-            if s.u is not None:
-                u, y = s.u, from_canonical(y, bucket.plan, bucket.shape)
+        widths = [first.in_channels] + [layer.out_channels for layer in self.nfn.layers]
+        momenta = len(self.config.features.momentum_decays)
+        alpha, beta, gamma = self.scalars()
+        scalars = (alpha, float(beta / self.config.max_deviation), float(gamma))
+        passes: list[_EagerPasses | FusedPasses] = []
+        firsts, contexts, scales = [], [], []
+        for b, (bucket, act) in enumerate(zip(plan.buckets, self.nfn.activations(plan))):
+            m = bucket.members
+            members = ([params[i] for i in m], [grads[i] for i in m], [states[i] for i in m])
+            rates = ([lrs[i] for i in m], [weight_decays[i] for i in m])
+            entry = fused_library(params[m[0]].dtype) if FusedPasses.accepts(bucket, *members, widths, momenta, act) else None
+            if entry is not None:
+                p = FusedPasses(entry, self, scalars, bucket, *members, *rates, widths, act)
             else:
-                u, _ = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, cfg)
-                y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
-            target = _rows_of(s.p, rows)
-            m = bucket.members
-            target.copy_(self._step(target, u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket)))
-
-        shapes = [b.plan.canonical for b in plan.buckets]
-        self.nfn.forward_chunked(plan, shapes, chunks, firsts, [s.context for s in work], [s.scale for s in work], consume)
+                p = _EagerPasses(self, bucket, *members, *rates, act)
+            means, context_, scale = p.statistics(first.needed_means(plan, b))
+            passes.append(p)
+            firsts.append(means)
+            contexts.append(context_)
+            scales.append(scale)
+        self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
         oks: list[torch.Tensor | None] = [None] * len(params)
-        for bucket, s in zip(plan.buckets, work):
-            m = bucket.members
-            if len(m) > 1:  # stacked copies: write the members back
-                torch._foreach_copy_([params[i] for i in m], list(s.p.unbind(0)))
-            for k in _STATS:
-                if s.x is not None:  # new tensors
-                    for j, i in enumerate(m):
-                        states[i][k] = s.state[k][j]
-                elif len(m) > 1:
-                    torch._foreach_copy_([states[i][k] for i in m], list(s.state[k].unbind(0)))
-            for j, i in enumerate(m):
-                oks[i] = s.ok[j]
+        for bucket, p in zip(plan.buckets, passes):
+            p.write_back()
+            for j, i in enumerate(bucket.members):
+                oks[i] = p.ok[j]
         return oks  # type: ignore[return-value]
 
     def _plan(
@@ -212,39 +191,6 @@ class LearnedUpdate(nn.Module):
         u, root_v = adam_direction(state, cfg)
         x, inv, context_ = features(p, g, state, u, root_v, cfg)
         return _BucketStep(_odd_features(x, u) if _flips(bucket) else x, p, g, u, state, ok, context_, inv)
-
-    def _chunked_statistics(
-        self, bucket: Bucket, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], means: ChunkMeans
-    ) -> _BucketStep:
-        """:meth:`_statistics` row chunk by row chunk: the statistics are written in place, the
-        features only averaged into ``means`` (later passes recompute them), so ``x`` and ``u``
-        are left None."""
-        cfg = self.config.features
-        g, ok = _finite(g)
-        step = state["step"] + ok
-        sumsq = None
-        for rows in _row_chunks(bucket, CHUNK_ELEMENTS):
-            chunk = _rows(state, rows)
-            new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
-            chunk["momenta"].copy_(new["momenta"])
-            chunk["v"].copy_(new["v"])
-            s = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
-            x = self._chunk_features(bucket, s, rows)
-            part = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
-            sumsq = part if sumsq is None else sumsq + part
-            means.add(x, rows)
-        state["step"].copy_(step)
-        inv = torch.rsqrt(sumsq / max(math.prod(bucket.shape), 1) + cfg.rms_eps)
-        return _BucketStep(None, p, g, None, state, ok, context(step, inv, cfg), inv)
-
-    def _chunk_features(self, bucket: Bucket, s: _BucketStep, rows: slice) -> torch.Tensor:
-        """The stacked features (B, C, rows, *canonical[1:]) of a chunked bucket's rows."""
-        chunk = {"step": s.state["step"], **_rows(s.state, rows)}
-        u, root_v = adam_direction(chunk, self.config.features)
-        x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v)
-        if _flips(bucket):
-            x = _odd_features(x, u)
-        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *bucket.plan.canonical[1:])
 
     def _step(
         self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor,
@@ -283,6 +229,104 @@ class _BucketStep(NamedTuple):
     ok: torch.Tensor  # (B,) 1 where the gradient was finite
     context: torch.Tensor
     scale: torch.Tensor  # (B, C) inverse RMS of the features
+
+
+class _EagerPasses(ChunkPasses):
+    """A bucket's in-place step in PyTorch ops (any device and dtype): whole where it is small,
+    else in chunks of rows whose features are recomputed pass after pass, the statistics
+    overwritten in place."""
+
+    def __init__(
+        self, rule: LearnedUpdate, bucket: Bucket, params: list[torch.Tensor], grads: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]], lrs: list[float | torch.Tensor], weight_decays: list[float | torch.Tensor],
+        activation: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
+        first = rule.nfn.layers[0]
+        shape = (len(bucket.members), first.in_channels, *bucket.plan.canonical)
+        super().__init__(self._chunks_of, self._consume_rows, activation, len(rule.nfn.layers), shape)
+        self.rule, self.bucket, self.params, self.states = rule, bucket, params, states
+        self.lrs, self.weight_decays = lrs, weight_decays
+        self.work: _BucketStep | None = None
+        self._stacked = _stacked_members(params, grads, states)
+
+    @property
+    def ok(self) -> torch.Tensor:
+        return self.work.ok
+
+    def statistics(self, dims: Sequence[tuple[int, ...]]) -> tuple[ChunkMeans, torch.Tensor, torch.Tensor]:
+        """Update the statistics; the means over ``dims`` of the features, the context and scales."""
+        means = ChunkMeans(dims, self._shape)
+        if _row_chunks(self.bucket, CHUNK_ELEMENTS) == (None,):  # whole: as forward, its features kept
+            s = self.rule._statistics(self.bucket, *self._stacked)
+            s = s._replace(x=to_canonical(s.x, self.bucket.plan, lead=2))
+            means.add(s.x, None)
+        else:
+            s = self._chunked_statistics(*self._stacked, means)
+        self.work = s
+        return means, s.context, s.scale
+
+    def _chunked_statistics(
+        self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], means: ChunkMeans
+    ) -> _BucketStep:
+        """:meth:`LearnedUpdate._statistics` row chunk by row chunk: the statistics are written in
+        place, the features only averaged into ``means`` (later passes recompute them), so ``x``
+        and ``u`` are left None."""
+        cfg = self.rule.config.features
+        g, ok = _finite(g)
+        step = state["step"] + ok
+        sumsq = None
+        for rows in _row_chunks(self.bucket, CHUNK_ELEMENTS):
+            chunk = _rows(state, rows)
+            new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
+            chunk["momenta"].copy_(new["momenta"])
+            chunk["v"].copy_(new["v"])
+            self.work = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
+            x = self._features(rows)
+            part = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
+            sumsq = part if sumsq is None else sumsq + part
+            means.add(x, rows)
+        state["step"].copy_(step)
+        inv = torch.rsqrt(sumsq / max(math.prod(self.bucket.shape), 1) + cfg.rms_eps)
+        return _BucketStep(None, p, g, None, state, ok, context(step, inv, cfg), inv)
+
+    def _features(self, rows: slice) -> torch.Tensor:
+        """The stacked features (B, C, rows, *canonical[1:]) of a chunked bucket's rows."""
+        s = self.work
+        chunk = {"step": s.state["step"], **_rows(s.state, rows)}
+        u, root_v = adam_direction(chunk, self.rule.config.features)
+        x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v)
+        if _flips(self.bucket):
+            x = _odd_features(x, u)
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *self.bucket.plan.canonical[1:])
+
+    def _chunks_of(self) -> Iterable[tuple[slice | None, torch.Tensor]]:
+        if self.work.x is not None:
+            yield None, self.work.x
+            return
+        for rows in _row_chunks(self.bucket, CHUNK_ELEMENTS):
+            yield rows, self._features(rows)
+
+    def _consume_rows(self, rows: slice | None, y: torch.Tensor) -> None:
+        s, bucket = self.work, self.bucket
+        if s.u is not None:
+            u, y = s.u, from_canonical(y, bucket.plan, bucket.shape)
+        else:
+            u, _ = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, self.rule.config.features)
+            y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
+        target = _rows_of(s.p, rows)
+        target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket)))
+
+    def write_back(self) -> None:
+        """Stacked copies written back into the members' own tensors."""
+        s, n = self.work, len(self.params)
+        if n > 1:
+            torch._foreach_copy_(self.params, list(s.p.unbind(0)))
+        for k in _STATS:
+            if s.x is not None:  # new tensors
+                for j, state in enumerate(self.states):
+                    state[k] = s.state[k][j]
+            elif n > 1:
+                torch._foreach_copy_([state[k] for state in self.states], list(s.state[k].unbind(0)))
 
 
 CHUNK_ELEMENTS = 1 << 20
@@ -332,9 +376,14 @@ def _stacked(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A bucket's params, grads and statistics stacked over its members (views for a bucket of one)."""
     m = bucket.members
+    return _stacked_members([params[i] for i in m], [grads[i] for i in m], [states[i] for i in m])
 
+
+def _stacked_members(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return tensors[m[0]].unsqueeze(0) if len(m) == 1 else torch.stack([tensors[i] for i in m])
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
     return stack(params), stack(grads), {k: stack([s[k] for s in states]) for k in _STATS}
 

@@ -1,0 +1,463 @@
+/* The learned update's per-element passes over one bucket of same-shape tensors, fused.
+ *
+ * A bucket's step reads every element a few times: once to average the features (pass 0), once
+ * per hidden NF-layer to average that layer's output (pass k), and once to compute the update
+ * and write the parameters and statistics (the last pass). Each pass recomputes, in blocks that
+ * stay in cache, the new statistics, the features and every layer up to the one it needs, so no
+ * full-size temporary exists, and nothing is written before the last pass (a gradient found
+ * non-finite in pass 0 costs nothing but a repeat of pass 0). What the NF-layers add at small
+ * size (pooled, neighbour, global and context terms) arrives as broadcast tensors with strides;
+ * the means a pass takes leave in REAL buffers. Rows are shared among OpenMP threads (in a
+ * PyTorch process, the runtime PyTorch uses), each summing into its own float64 buffers.
+ *
+ * The same file is compiled once with REAL=float and once with REAL=double. The arithmetic is
+ * that of the PyTorch path (nfopt/optim/rule.py, features.py, nn/layer.py), in the same order
+ * where it matters, so results agree to rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#ifndef REAL
+#define REAL float
+#endif
+#ifdef REAL_IS_DOUBLE
+#define TANH tanh
+#define EXP exp
+#define SQRT sqrt
+#define ERF erf
+#else
+#define TANH tanh_f
+#define EXP exp_f
+#define SQRT sqrtf
+#define ERF erff
+
+/* exp and tanh in float to about an ulp, written so that loops calling them vectorize (libm's
+ * do not without -ffast-math). exp: Cephes' polynomial on [-ln2/2, ln2/2] times 2^n. */
+static inline float exp_f(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return y * scale.f;
+}
+
+/* tanh: its Taylor series below |x| = 0.5 (to x^17: error under 1e-8 there), else
+ * 1 - 2 / (1 + exp(2|x|)) with the sign of x (no cancellation there). */
+static inline float tanh_f(float x) {
+    const float a = x < 0 ? -x : x;
+    const float z = x * x;
+    float p = 6404582.0f / 10854718875.0f;
+    p = p * z - 929569.0f / 638512875.0f;
+    p = p * z + 21844.0f / 6081075.0f;
+    p = p * z - 1382.0f / 155925.0f;
+    p = p * z + 62.0f / 2835.0f;
+    p = p * z - 17.0f / 315.0f;
+    p = p * z + 2.0f / 15.0f;
+    p = p * z - 1.0f / 3.0f;
+    const float small = x + x * z * p;
+    const float large = 1.0f - 2.0f / (1.0f + exp_f(2.0f * (a > 9.0f ? 9.0f : a)));
+    return a < 0.5f ? small : (x < 0 ? -large : large);
+}
+#endif
+
+#define MAX_LAYERS 4
+#define MAX_CHANNELS 32
+#define MAX_TERMS 8
+#define MAX_ACC 8
+#define MAX_MOMENTA 8
+#define BLOCK 64
+
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_TANH = 3 };
+
+typedef struct {
+    int64_t n[4];             /* canonical shape, padded in front with ones (a contiguous layout) */
+    int64_t lane;             /* the dim taken in vectors; rows run over the others */
+    int64_t members, threads;
+    int64_t momenta, adam_index, n_layers, mode; /* mode 0: features; k < n_layers: layer k-1's
+                                                    output; n_layers: the update */
+    int64_t activation, flips;
+    int64_t width[MAX_LAYERS + 1];
+    REAL **p, **g, **m, **v;  /* per member */
+    const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay */
+    double rates[MAX_MOMENTA];  /* 1 - decay, per momentum */
+    double v_rate, eps, sqrt_floor, rms_eps, beta_over_bound, gamma, bound, limit;
+    const REAL *a[MAX_LAYERS];  /* (members?, out, in) */
+    int64_t a_member_stride[MAX_LAYERS];
+    const REAL *constant[MAX_LAYERS]; /* (members, out) or null */
+    int64_t n_terms[MAX_LAYERS];
+    const REAL *term[MAX_LAYERS][MAX_TERMS];
+    int64_t term_stride[MAX_LAYERS][MAX_TERMS][6]; /* member, channel, d0..d3 (0: broadcast; 0 or 1
+                                                      along the lane dim) */
+    int64_t n_acc;
+    double *acc[MAX_ACC];     /* (threads, size) sums over (members, channels, kept dims) */
+    int64_t acc_size[MAX_ACC];
+    int64_t acc_stride[MAX_ACC][6];
+    double acc_scale[MAX_ACC];  /* 1 / elements per mean */
+    REAL *mean[MAX_ACC];      /* out: the means, (members, channels, kept dims) */
+    double *sumsq;            /* pass 0: (threads, members, channels) squared features */
+    double *gsum;             /* pass 0: (threads, members) sums of the gradients */
+    REAL *inverse_rms;        /* out, pass 0: (members, channels) */
+    REAL *finite;             /* out, pass 0: (members,) 1 where the gradient is finite */
+} Pass;
+
+typedef REAL Block[BLOCK];
+
+static inline REAL lerp(REAL start, REAL end, REAL w) {
+    /* torch.lerp's formula, for results that agree with it */
+    return w < (REAL)0.5 ? start + w * (end - start) : end - (end - start) * ((REAL)1 - w);
+}
+
+static inline REAL sign(REAL x) { return (REAL)((x > 0) - (x < 0)); }
+
+/* Every loop over a block runs over all BLOCK lanes (a constant trip count vectorizes without
+ * remainder code); lanes past a row's end hold zeros or what they make, and are never stored
+ * or summed. */
+
+/* Where a row at canonical index at = (member, d0..d3) (0 along the lane dim) starts in a
+ * broadcast tensor with these strides. */
+static inline int64_t offset(const int64_t *at, const int64_t *st) {
+    return at[0] * st[0] + at[1] * st[2] + at[2] * st[3] + at[3] * st[4] + at[4] * st[5];
+}
+
+/* The sum of h[0..len), vectorized. */
+static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, int64_t len) {
+    REAL t = 0;
+    if (len == BLOCK) {
+#pragma omp simd reduction(+ : t)
+        for (int64_t k = 0; k < BLOCK; k++) t += h[k];
+    } else {
+        for (int64_t k = 0; k < len; k++) t += h[k];
+    }
+    return t;
+}
+
+/* Add channels h[c][0..len) of the block at (member, i0, i1, i2, k0) to every sum (a sum over
+ * the block's lanes is taken once per channel, whatever the number of sums that need it). */
+static void accumulate(const Pass *s, const Block *restrict h, int64_t channels, int64_t len,
+                       const int64_t *at, int64_t k0, int64_t thread) {
+    REAL totals[MAX_CHANNELS];
+    int have_totals = 0;
+    for (int64_t t = 0; t < s->n_acc; t++) {
+        const int64_t *st = s->acc_stride[t];
+        double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
+        if (st[2 + s->lane] == 0) {
+            if (!have_totals)
+                for (int64_t c = 0; c < channels; c++) totals[c] = total(h[c], len);
+            have_totals = 1;
+            for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
+            continue;
+        }
+        for (int64_t c = 0; c < channels; c++) {
+            double *restrict row = base + c * st[1] + k0;
+            if (len == BLOCK)
+                for (int64_t k = 0; k < BLOCK; k++) row[k] += h[c][k];
+            else
+                for (int64_t k = 0; k < len; k++) row[k] += h[c][k];
+        }
+    }
+}
+
+/* Copy src[0..len) (elements `stride` apart) into a block, zeros after. */
+static inline void load(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride) {
+    if (len == BLOCK && stride == 1) {
+        for (int64_t k = 0; k < BLOCK; k++) dst[k] = src[k];
+        return;
+    }
+    if (stride == 1)
+        for (int64_t k = 0; k < len; k++) dst[k] = src[k];
+    else
+        for (int64_t k = 0; k < len; k++) dst[k] = src[k * stride];
+    for (int64_t k = len; k < BLOCK; k++) dst[k] = 0;
+}
+
+static inline void store(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride) {
+    if (len == BLOCK && stride == 1)
+        for (int64_t k = 0; k < BLOCK; k++) dst[k] = src[k];
+    else if (stride == 1)
+        for (int64_t k = 0; k < len; k++) dst[k] = src[k];
+    else
+        for (int64_t k = 0; k < len; k++) dst[k * stride] = src[k];
+}
+
+#define VBYTES 64
+#define VL (VBYTES / (int)sizeof(REAL)) /* lanes of a vector */
+typedef REAL Vec __attribute__((vector_size(VBYTES)));
+#ifdef REAL_IS_DOUBLE
+typedef int64_t Mask __attribute__((vector_size(VBYTES)));
+#else
+typedef int32_t Mask __attribute__((vector_size(VBYTES)));
+#endif
+
+static inline Vec vload(const REAL *p) {
+    Vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) Vec activate_lanes(Vec y, const int act) {
+    const Vec zero = {0};
+    switch (act) {
+    case ACT_RELU:
+        return (Vec)((Mask)y & (y > zero));
+    case ACT_GELU:
+        for (int k = 0; k < VL; k++) y[k] = (REAL)0.5 * y[k] * ((REAL)1 + ERF(y[k] * (REAL)0.70710678118654752440));
+        return y;
+    case ACT_TANH:
+        for (int k = 0; k < VL; k++) y[k] = TANH(y[k]);
+        return y;
+    default:
+        return y;
+    }
+}
+
+static const REAL zeros[BLOCK];
+
+/* A layer as one row of a bucket sees it: its weights (the member's, padded with zero output
+ * channels to a whole group), the constant with every broadcast term that is constant along
+ * the row folded in, and the rows of the terms that vary along it (zeros past c_out). */
+typedef struct {
+    int64_t c_in, c_out, group, n_rows;
+    REAL w[MAX_CHANNELS][MAX_CHANNELS]; /* [in][out] */
+    REAL c0[MAX_CHANNELS];
+    const REAL *rows[MAX_TERMS][MAX_CHANNELS];
+} LayerRow;
+
+static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr) {
+    const int64_t c_in = s->width[l], c_out = s->width[l + 1];
+    const int64_t group = c_out <= 2 ? 2 : (c_out <= 4 ? 4 : 8), padded = (c_out + group - 1) / group * group;
+    const REAL *a = s->a[l] + at[0] * s->a_member_stride[l];
+    lr->c_in = c_in, lr->c_out = c_out, lr->group = group, lr->n_rows = 0;
+    for (int64_t o = 0; o < padded; o++) {
+        lr->c0[o] = o < c_out && s->constant[l] ? s->constant[l][at[0] * c_out + o] : (REAL)0;
+        for (int64_t i = 0; i < (c_in > 8 ? c_in : 8); i++) lr->w[i][o] = o < c_out && i < c_in ? a[o * c_in + i] : (REAL)0;
+    }
+    for (int64_t t = 0; t < s->n_terms[l]; t++) {
+        const int64_t *st = s->term_stride[l][t];
+        const REAL *term = s->term[l][t] + offset(at, st);
+        if (st[2 + s->lane] == 0) {
+            for (int64_t o = 0; o < c_out; o++) lr->c0[o] += term[o * st[1]];
+            continue;
+        }
+        for (int64_t o = 0; o < padded; o++) lr->rows[lr->n_rows][o] = o < c_out ? term + o * st[1] : zeros;
+        lr->n_rows++;
+    }
+}
+
+/* Output channels [o0, o0 + G) on a block, G and the activation constants (so that the G sums
+ * stay in registers: independent chains of multiply-adds instead of one long one), and so is
+ * the number of input channels where it is CI (those past c_in have zero weights). */
+static inline __attribute__((always_inline)) void mix(const int G, const int act, const int CI, const LayerRow *lr, int64_t o0,
+                                                      const REAL *const rows[][MAX_CHANNELS], int64_t off,
+                                                      const Block *restrict in, Block *restrict out) {
+    for (int64_t kv = 0; kv < BLOCK; kv += VL) {
+        Vec y[8];
+        for (int g = 0; g < G; g++) y[g] = (Vec){0} + lr->c0[o0 + g];
+        for (int64_t t = 0; t < lr->n_rows; t++)
+            for (int g = 0; g < G; g++) y[g] += vload(rows[t][o0 + g] + off + kv);
+        const int64_t c_in = CI ? CI : lr->c_in;
+        for (int64_t i = 0; i < c_in; i++) {
+            const Vec x = vload(in[i] + kv);
+            for (int g = 0; g < G; g++) y[g] += lr->w[i][o0 + g] * x;
+        }
+        for (int g = 0; g < G; g++) {
+            const Vec h = activate_lanes(y[g], act);
+            memcpy(out[o0 + g] + kv, &h, sizeof h);
+        }
+    }
+}
+
+#define MIX_ACT(G, CI)                                                               \
+    switch (act) {                                                                   \
+    case ACT_RELU: mix(G, ACT_RELU, CI, lr, o0, rows, off, in, out); break;          \
+    case ACT_GELU: mix(G, ACT_GELU, CI, lr, o0, rows, off, in, out); break;          \
+    case ACT_TANH: mix(G, ACT_TANH, CI, lr, o0, rows, off, in, out); break;          \
+    default: mix(G, ACT_NONE, CI, lr, o0, rows, off, in, out); break;                \
+    }
+#define MIX(G)                 \
+    if (lr->c_in <= 8) {       \
+        MIX_ACT(G, 8)          \
+    } else {                   \
+        MIX_ACT(G, 0)          \
+    }
+
+/* One NF-layer on a block at k0 of a row: out = a·in + constant + broadcast terms, then the
+ * activation. Output channels past c_out (up to a whole group) are written with junk. */
+static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict out, int64_t len, int64_t k0,
+                  int64_t act) {
+    const REAL *const(*rows)[MAX_CHANNELS] = (const REAL *const(*)[MAX_CHANNELS])lr->rows;
+    const REAL *tail[MAX_TERMS][MAX_CHANNELS];
+    Block padded[MAX_TERMS][8];
+    const int64_t group = lr->group;
+    int64_t off = k0;
+    for (int64_t o0 = 0; o0 < lr->c_out; o0 += group) {
+        if (len < BLOCK) { /* the row ends inside this block: its terms are read only up to there */
+            for (int64_t t = 0; t < lr->n_rows; t++)
+                for (int64_t g = 0; g < group; g++) {
+                    load(padded[t][g], lr->rows[t][o0 + g] + k0, len, 1);
+                    tail[t][o0 + g] = padded[t][g];
+                }
+            rows = (const REAL *const(*)[MAX_CHANNELS])tail;
+            off = 0;
+        }
+        if (group == 2) {
+            MIX(2)
+        } else if (group == 4) {
+            MIX(4)
+        } else {
+            MIX(8)
+        }
+    }
+}
+
+#ifdef REAL_IS_DOUBLE
+#define ENTRY nfopt_pass_f64
+#else
+#define ENTRY nfopt_pass_f32
+#endif
+
+/* One row (member, i0, i1, i2) of a pass. */
+static void row(const Pass *s, int64_t r, int64_t thread) {
+    const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, lane = s->lane;
+    const int64_t numel = s->n[0] * s->n[1] * s->n[2] * s->n[3], n_lane = s->n[lane];
+    const int64_t root = M + 2, dir = M + 3; /* channels: p, g, momenta, sqrt(v̂), u */
+    const int last = s->mode == L;
+    Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
+    /* channels a layer reads past its inputs (with zero weights) must hold finite values */
+    memset(x + C0, 0, sizeof(Block) * (C0 < 8 ? 8 - C0 : 0));
+    memset(h0, 0, sizeof(Block) * 8);
+    memset(h1, 0, sizeof(Block) * 8);
+    const REAL fl = (REAL)s->sqrt_floor, eps = (REAL)s->eps;
+    /* the row's member and index along every dim but the lane's; its offset in a member's data */
+    int64_t at[5] = {0, 0, 0, 0, 0}, q = 0, stride = 1, ls = 1, rest = r;
+    for (int64_t d = 3; d >= 0; d--) {
+        if (d == lane) {
+            ls = stride;
+        } else {
+            at[1 + d] = rest % s->n[d];
+            rest /= s->n[d];
+            q += at[1 + d] * stride;
+        }
+        stride *= s->n[d];
+    }
+    const int64_t b = at[0] = rest;
+    const double *mem = s->member + 5 * b;
+    const int ok = mem[0] != 0;
+    const REAL bc1 = (REAL)mem[1], bc2 = (REAL)mem[2], rate = (REAL)mem[3], wd = (REAL)mem[4];
+    const REAL ok_r = ok ? (REAL)1 : (REAL)0, v_rate = (REAL)s->v_rate * ok_r;
+    REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
+    double gsum = 0;
+    LayerRow layers[MAX_LAYERS];
+    for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l]);
+    for (int64_t k0 = 0; k0 < n_lane; k0 += BLOCK) {
+        const int64_t len = n_lane - k0 < BLOCK ? n_lane - k0 : BLOCK, e = k0 * ls;
+        /* features: p, g, the new momenta, sqrt(v̂), u */
+        load(x[0], P + e, len, ls);
+        if (ok)
+            load(x[1], G + e, len, ls);
+        else
+            for (int64_t k = 0; k < BLOCK; k++) x[1][k] = 0;
+        if (s->mode == 0) gsum += total(x[1], len);
+        for (int64_t j = 0; j < M; j++) {
+            load(x[2 + j], Mm + j * numel + e, len, ls);
+            const REAL w = (REAL)s->rates[j] * ok_r;
+            for (int64_t k = 0; k < BLOCK; k++) x[2 + j][k] = lerp(x[2 + j][k], x[1][k], w);
+        }
+        load(v, V + e, len, ls);
+        for (int64_t k = 0; k < BLOCK; k++) v[k] = lerp(v[k], x[1][k] * x[1][k], v_rate);
+        for (int64_t k = 0; k < BLOCK; k++) {
+            x[root][k] = SQRT(v[k] / bc2 + fl);
+            u[k] = x[dir][k] = x[2 + s->adam_index][k] / bc1 / (x[root][k] + eps);
+        }
+        if (s->flips)
+            for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
+        if (s->mode == 0) {
+            double *sumsq = s->sumsq + (thread * B + b) * C0;
+            for (int64_t c = 0; c < C0; c++) {
+                Block sq;
+                for (int64_t k = 0; k < BLOCK; k++) sq[k] = x[c][k] * x[c][k];
+                sumsq[c] += total(sq, len);
+            }
+            accumulate(s, (const Block *)x, C0, len, at, k0, thread);
+            continue;
+        }
+        /* layers, up to the one this pass needs */
+        const Block *in = (const Block *)x;
+        for (int64_t l = 0; l < L && l < s->mode; l++) {
+            Block *out = (l % 2 == 0) ? h0 : h1;
+            layer(&layers[l], in, out, len, k0, l < L - 1 ? s->activation : ACT_NONE);
+            in = (const Block *)out;
+        }
+        if (!last) {
+            accumulate(s, in, s->width[s->mode], len, at, k0, thread);
+            continue;
+        }
+        /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
+           the statistics */
+        const REAL bb = (REAL)s->beta_over_bound, gamma = (REAL)s->gamma, bound = (REAL)s->bound,
+                   limit = (REAL)s->limit, keep = wd != 0 ? (REAL)1 - rate * wd : (REAL)1;
+        Block out;
+        for (int64_t k = 0; k < BLOCK; k++) {
+            const REAL deviation = TANH(in[0][k] * bb);
+            const REAL c = s->flips ? in[1][k] * sign(u[k]) : in[1][k];
+            REAL e = gamma * c;
+            e = e < -limit ? -limit : (e > limit ? limit : e);
+            const REAL step = (u[k] + bound * deviation) * EXP(e);
+            out[k] = (wd != 0 ? x[0][k] * keep : x[0][k]) + (-rate) * step;
+        }
+        store(P + e, out, len, ls);
+        for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls);
+        store(V + e, v, len, ls);
+    }
+    if (s->mode == 0) s->gsum[thread * B + b] += gsum;
+}
+
+/* Sum the threads' buffers into the first, in thread order (the same result for any schedule). */
+static void reduce(double *buffer, int64_t size, int64_t threads) {
+    for (int64_t t = 1; t < threads; t++)
+        for (int64_t i = 0; i < size; i++) buffer[i] += buffer[t * size + i];
+}
+
+/* One pass over all rows of the bucket. Returns 0, 1 for a pass it cannot take (more channels,
+ * layers or momenta than it is compiled for), or 2 where pass 0 found a non-finite gradient
+ * (see `finite`). */
+int ENTRY(const Pass *s) {
+    const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, T = s->threads;
+    if (C0 > MAX_CHANNELS || M > MAX_MOMENTA || L > MAX_LAYERS || L < 1 || C0 != M + 4 || T < 1) return 1;
+    if (s->n_acc > MAX_ACC || s->mode < 0 || s->mode > L) return 1;
+    for (int64_t l = 0; l <= L; l++)
+        if (s->width[l] > MAX_CHANNELS || (l < L && s->n_terms[l] > MAX_TERMS)) return 1;
+    for (int64_t t = 0; t < s->n_acc; t++) memset(s->acc[t], 0, sizeof(double) * s->acc_size[t] * T);
+    if (s->mode == 0) {
+        memset(s->sumsq, 0, sizeof(double) * T * B * C0);
+        memset(s->gsum, 0, sizeof(double) * T * B);
+    }
+    if (s->lane < 0 || s->lane > 3) return 1;
+    const int64_t rows = B * s->n[0] * s->n[1] * s->n[2] * s->n[3] / (s->n[s->lane] ? s->n[s->lane] : 1);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t r = 0; r < rows; r++) row(s, r, omp_get_thread_num());
+    for (int64_t t = 0; t < s->n_acc; t++) {
+        reduce(s->acc[t], s->acc_size[t], T);
+        for (int64_t i = 0; i < s->acc_size[t]; i++) s->mean[t][i] = (REAL)(s->acc[t][i] * s->acc_scale[t]);
+    }
+    if (s->mode != 0) return 0;
+    reduce(s->sumsq, B * C0, T);
+    reduce(s->gsum, B, T);
+    const double n = (double)(s->n[0] * s->n[1] * s->n[2] * s->n[3]);
+    int all = 1;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t c = 0; c < C0; c++)
+            s->inverse_rms[b * C0 + c] = (REAL)(1.0 / sqrt(s->sumsq[b * C0 + c] / n + s->rms_eps));
+        s->finite[b] = isfinite(s->gsum[b]) ? (REAL)1 : (REAL)0;
+        all &= isfinite(s->gsum[b]) != 0;
+    }
+    return all ? 0 : 2;
+}
