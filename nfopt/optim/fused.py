@@ -162,9 +162,10 @@ def _padded(shape: Sequence[int]) -> tuple[int, ...]:
 
 def _lane(canonical: Sequence[int]) -> int:
     """The dim of a bucket's tensors that the loop takes in vectors: the last (contiguous) where
-    it is long enough to fill them, else the longest (read with a stride)."""
+    it is long enough to fill them, else the longest (read with a stride; the innermost of equals,
+    whose stride is shortest)."""
     n = _padded(canonical)
-    return 3 if n[3] >= 16 or n[3] == max(n) else max(range(NDIM), key=lambda d: n[d])
+    return 3 if n[3] >= 16 or n[3] == max(n) else max(range(NDIM), key=lambda d: (n[d], d))
 
 
 def _lane_contiguous(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -322,6 +323,8 @@ class FusedPasses:
         code = self._entry(ctypes.byref(s))
         if code == 1:
             raise RuntimeError("the fused step was given more channels, layers, terms or momenta than it takes")
+        if code == 3:
+            raise MemoryError("the fused step ran out of memory for its sums")
         return code
 
     def _members(self, ok: torch.Tensor) -> None:

@@ -16,6 +16,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -140,24 +141,32 @@ static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, 
     return t;
 }
 
-/* Add channels h[c][0..len) of the block at (member, i0, i1, i2, k0) to every sum (a sum over
+/* A thread's running sums along the lane dim, in REAL, added to its float64 sums every
+ * FLUSH_ROWS rows (so that they stay accurate whatever the number of rows). */
+#define FLUSH_ROWS 32
+typedef struct {
+    REAL *sums[MAX_ACC]; /* null for sums that the lanes do not index */
+} Partial;
+
+/* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum (a sum over
  * the block's lanes is taken once per channel, whatever the number of sums that need it). */
-static void accumulate(const Pass *s, const Block *restrict h, int64_t channels, int64_t len,
+static void accumulate(const Pass *s, Partial *part, const Block *restrict h, int64_t channels, int64_t len,
                        const int64_t *at, int64_t k0, int64_t thread) {
     REAL totals[MAX_CHANNELS];
     int have_totals = 0;
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
-        double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
         if (st[2 + s->lane] == 0) {
+            double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
             if (!have_totals)
                 for (int64_t c = 0; c < channels; c++) totals[c] = total(h[c], len);
             have_totals = 1;
             for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
             continue;
         }
+        REAL *base = part->sums[t] + offset(at, st) + k0;
         for (int64_t c = 0; c < channels; c++) {
-            double *restrict row = base + c * st[1] + k0;
+            REAL *restrict row = base + c * st[1];
             if (len == BLOCK)
                 for (int64_t k = 0; k < BLOCK; k++) row[k] += h[c][k];
             else
@@ -166,10 +175,27 @@ static void accumulate(const Pass *s, const Block *restrict h, int64_t channels,
     }
 }
 
-/* Copy src[0..len) (elements `stride` apart) into a block, zeros after. */
-static inline void load(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride) {
-    if (len == BLOCK && stride == 1) {
+static void flush(const Pass *s, Partial *part, int64_t thread) {
+    for (int64_t t = 0; t < s->n_acc; t++) {
+        if (!part->sums[t]) continue;
+        double *acc = s->acc[t] + thread * s->acc_size[t];
+        for (int64_t i = 0; i < s->acc_size[t]; i++) {
+            acc[i] += part->sums[t][i];
+            part->sums[t][i] = 0;
+        }
+    }
+}
+
+/* Copy src[0..len) (elements `stride` apart) into a block, zeros after. `index` holds
+ * k * stride for every lane (an indexed loop vectorizes to gathers). */
+static inline void load(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride,
+                        const int32_t *restrict index) {
+    if (stride == 1 && len == BLOCK) {
         for (int64_t k = 0; k < BLOCK; k++) dst[k] = src[k];
+        return;
+    }
+    if (len == BLOCK) {
+        for (int64_t k = 0; k < BLOCK; k++) dst[k] = src[index[k]];
         return;
     }
     if (stride == 1)
@@ -179,16 +205,23 @@ static inline void load(REAL *restrict dst, const REAL *restrict src, int64_t le
     for (int64_t k = len; k < BLOCK; k++) dst[k] = 0;
 }
 
-static inline void store(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride) {
-    if (len == BLOCK && stride == 1)
+static inline void store(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride,
+                         const int32_t *restrict index) {
+    if (stride == 1 && len == BLOCK)
         for (int64_t k = 0; k < BLOCK; k++) dst[k] = src[k];
+    else if (len == BLOCK)
+        for (int64_t k = 0; k < BLOCK; k++) dst[index[k]] = src[k];
     else if (stride == 1)
         for (int64_t k = 0; k < len; k++) dst[k] = src[k];
     else
         for (int64_t k = 0; k < len; k++) dst[k * stride] = src[k];
 }
 
+#ifdef __AVX512F__
 #define VBYTES 64
+#else
+#define VBYTES 32
+#endif
 #define VL (VBYTES / (int)sizeof(REAL)) /* lanes of a vector */
 typedef REAL Vec __attribute__((vector_size(VBYTES)));
 #ifdef REAL_IS_DOUBLE
@@ -197,7 +230,7 @@ typedef int64_t Mask __attribute__((vector_size(VBYTES)));
 typedef int32_t Mask __attribute__((vector_size(VBYTES)));
 #endif
 
-static inline Vec vload(const REAL *p) {
+static inline __attribute__((always_inline)) Vec vload(const REAL *p) {
     Vec v;
     memcpy(&v, p, sizeof v);
     return v;
@@ -302,7 +335,7 @@ static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict 
         if (len < BLOCK) { /* the row ends inside this block: its terms are read only up to there */
             for (int64_t t = 0; t < lr->n_rows; t++)
                 for (int64_t g = 0; g < group; g++) {
-                    load(padded[t][g], lr->rows[t][o0 + g] + k0, len, 1);
+                    load(padded[t][g], lr->rows[t][o0 + g] + k0, len, 1, NULL);
                     tail[t][o0 + g] = padded[t][g];
                 }
             rows = (const REAL *const(*)[MAX_CHANNELS])tail;
@@ -325,16 +358,20 @@ static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict 
 #endif
 
 /* One row (member, i0, i1, i2) of a pass. */
-static void row(const Pass *s, int64_t r, int64_t thread) {
+/* A thread's blocks: features, two hidden layers (alternating), the new second moment and u.
+ * Zeroed once per pass: channels a layer reads past its inputs (with zero weights) are never
+ * written and must hold finite values. */
+typedef struct {
+    Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
+} Scratch;
+
+static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thread) {
     const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, lane = s->lane;
     const int64_t numel = s->n[0] * s->n[1] * s->n[2] * s->n[3], n_lane = s->n[lane];
     const int64_t root = M + 2, dir = M + 3; /* channels: p, g, momenta, sqrt(v̂), u */
     const int last = s->mode == L;
-    Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
-    /* channels a layer reads past its inputs (with zero weights) must hold finite values */
-    memset(x + C0, 0, sizeof(Block) * (C0 < 8 ? 8 - C0 : 0));
-    memset(h0, 0, sizeof(Block) * 8);
-    memset(h1, 0, sizeof(Block) * 8);
+    Block *x = w->x, *h0 = w->h0, *h1 = w->h1;
+    REAL *restrict v = w->v, *restrict u = w->u;
     const REAL fl = (REAL)s->sqrt_floor, eps = (REAL)s->eps;
     /* the row's member and index along every dim but the lane's; its offset in a member's data */
     int64_t at[5] = {0, 0, 0, 0, 0}, q = 0, stride = 1, ls = 1, rest = r;
@@ -352,30 +389,33 @@ static void row(const Pass *s, int64_t r, int64_t thread) {
     const double *mem = s->member + 5 * b;
     const int ok = mem[0] != 0;
     const REAL bc1 = (REAL)mem[1], bc2 = (REAL)mem[2], rate = (REAL)mem[3], wd = (REAL)mem[4];
+    const REAL inv_bc1 = (REAL)1 / bc1, inv_bc2 = (REAL)1 / bc2; /* products, not quotients, per element */
     const REAL ok_r = ok ? (REAL)1 : (REAL)0, v_rate = (REAL)s->v_rate * ok_r;
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
+    int32_t index[BLOCK];
+    for (int64_t k = 0; k < BLOCK; k++) index[k] = (int32_t)(k * ls);
     double gsum = 0;
     LayerRow layers[MAX_LAYERS];
     for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l]);
     for (int64_t k0 = 0; k0 < n_lane; k0 += BLOCK) {
         const int64_t len = n_lane - k0 < BLOCK ? n_lane - k0 : BLOCK, e = k0 * ls;
         /* features: p, g, the new momenta, sqrt(v̂), u */
-        load(x[0], P + e, len, ls);
+        load(x[0], P + e, len, ls, index);
         if (ok)
-            load(x[1], G + e, len, ls);
+            load(x[1], G + e, len, ls, index);
         else
             for (int64_t k = 0; k < BLOCK; k++) x[1][k] = 0;
         if (s->mode == 0) gsum += total(x[1], len);
         for (int64_t j = 0; j < M; j++) {
-            load(x[2 + j], Mm + j * numel + e, len, ls);
+            load(x[2 + j], Mm + j * numel + e, len, ls, index);
             const REAL w = (REAL)s->rates[j] * ok_r;
             for (int64_t k = 0; k < BLOCK; k++) x[2 + j][k] = lerp(x[2 + j][k], x[1][k], w);
         }
-        load(v, V + e, len, ls);
+        load(v, V + e, len, ls, index);
         for (int64_t k = 0; k < BLOCK; k++) v[k] = lerp(v[k], x[1][k] * x[1][k], v_rate);
         for (int64_t k = 0; k < BLOCK; k++) {
-            x[root][k] = SQRT(v[k] / bc2 + fl);
-            u[k] = x[dir][k] = x[2 + s->adam_index][k] / bc1 / (x[root][k] + eps);
+            x[root][k] = SQRT(v[k] * inv_bc2 + fl);
+            u[k] = x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
         }
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
@@ -386,7 +426,7 @@ static void row(const Pass *s, int64_t r, int64_t thread) {
                 for (int64_t k = 0; k < BLOCK; k++) sq[k] = x[c][k] * x[c][k];
                 sumsq[c] += total(sq, len);
             }
-            accumulate(s, (const Block *)x, C0, len, at, k0, thread);
+            accumulate(s, part, (const Block *)x, C0, len, at, k0, thread);
             continue;
         }
         /* layers, up to the one this pass needs */
@@ -397,7 +437,7 @@ static void row(const Pass *s, int64_t r, int64_t thread) {
             in = (const Block *)out;
         }
         if (!last) {
-            accumulate(s, in, s->width[s->mode], len, at, k0, thread);
+            accumulate(s, part, in, s->width[s->mode], len, at, k0, thread);
             continue;
         }
         /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
@@ -413,9 +453,9 @@ static void row(const Pass *s, int64_t r, int64_t thread) {
             const REAL step = (u[k] + bound * deviation) * EXP(e);
             out[k] = (wd != 0 ? x[0][k] * keep : x[0][k]) + (-rate) * step;
         }
-        store(P + e, out, len, ls);
-        for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls);
-        store(V + e, v, len, ls);
+        store(P + e, out, len, ls, index);
+        for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
+        store(V + e, v, len, ls, index);
     }
     if (s->mode == 0) s->gsum[thread * B + b] += gsum;
 }
@@ -428,7 +468,7 @@ static void reduce(double *buffer, int64_t size, int64_t threads) {
 
 /* One pass over all rows of the bucket. Returns 0, 1 for a pass it cannot take (more channels,
  * layers or momenta than it is compiled for), or 2 where pass 0 found a non-finite gradient
- * (see `finite`). */
+ * (see `finite`), 3 where memory ran out. */
 int ENTRY(const Pass *s) {
     const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, T = s->threads;
     if (C0 > MAX_CHANNELS || M > MAX_MOMENTA || L > MAX_LAYERS || L < 1 || C0 != M + 4 || T < 1) return 1;
@@ -442,8 +482,33 @@ int ENTRY(const Pass *s) {
     }
     if (s->lane < 0 || s->lane > 3) return 1;
     const int64_t rows = B * s->n[0] * s->n[1] * s->n[2] * s->n[3] / (s->n[s->lane] ? s->n[s->lane] : 1);
-#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
-    for (int64_t r = 0; r < rows; r++) row(s, r, omp_get_thread_num());
+    int failed = 0;
+#pragma omp parallel num_threads(T) if (T > 1) reduction(| : failed)
+    {
+        const int64_t thread = omp_get_thread_num();
+        Partial part = {{0}};
+        Scratch *scratch = calloc(1, sizeof(Scratch));
+        failed |= scratch == NULL;
+        for (int64_t t = 0; t < s->n_acc; t++)
+            if (s->acc_stride[t][2 + s->lane] != 0) {
+                part.sums[t] = calloc(s->acc_size[t], sizeof(REAL));
+                failed |= part.sums[t] == NULL;
+            }
+        int64_t since = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            row(s, &part, scratch, r, thread);
+            if (++since == FLUSH_ROWS) {
+                flush(s, &part, thread);
+                since = 0;
+            }
+        }
+        if (!failed) flush(s, &part, thread);
+        for (int64_t t = 0; t < s->n_acc; t++) free(part.sums[t]);
+        free(scratch);
+    }
+    if (failed) return 3;
     for (int64_t t = 0; t < s->n_acc; t++) {
         reduce(s->acc[t], s->acc_size[t], T);
         for (int64_t i = 0; i < s->acc_size[t]; i++) s->mean[t][i] = (REAL)(s->acc[t][i] * s->acc_scale[t]);
