@@ -23,6 +23,7 @@ from torch import Tensor
 
 from nfopt.labelling import label_model, label_monomial
 from nfopt.optim.features import init_state
+from nfopt.optim import fused as fused_module
 from nfopt.optim import rule as rule_module
 from nfopt.optim.rule import LearnedUpdate
 from nfopt.weight_space import MonomialSpec, WeightSpaceSpec
@@ -252,12 +253,29 @@ def test_the_reference_of_a_fresh_rule_is_adamw() -> None:
         assert_close(p, r.detach(), "AdamW")
 
 
-@pytest.mark.parametrize("chunk", [1 << 15, 5], ids=["whole", "chunked"])
+IN_PLACE_PATHS = {
+    "fused": (True, None, 1 << 15),
+    "fused-threads": (True, 1, 1 << 15),  # every bucket's rows shared among the threads
+    "torch-whole": (False, None, 1 << 15),
+    "torch-chunked": (False, None, 5),
+}
+"""How ``step_`` is run: the compiled loop (one thread or all) or PyTorch ops (whole or in chunks
+of a few elements)."""
+
+
+@pytest.mark.parametrize("path", sorted(IN_PLACE_PATHS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_the_in_place_step_matches_the_reference(name: str, chunk: int, monkeypatch) -> None:
-    """The optimizer's in-place step (``LearnedUpdate.step_``), whole and in chunks of a few
-    elements, writes the parameters and statistics the specification computes."""
+def test_the_in_place_step_matches_the_reference(name: str, path: str, monkeypatch) -> None:
+    """The optimizer's in-place step (``LearnedUpdate.step_``), through the compiled loop and
+    through PyTorch ops whole and in chunks, writes the parameters and statistics the
+    specification computes."""
+    use_loop, parallel, chunk = IN_PLACE_PATHS[path]
+    monkeypatch.setenv("NFOPT_FUSED", "1" if use_loop else "0")
     monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
+    if parallel is not None:
+        monkeypatch.setattr(fused_module, "PARALLEL_ELEMENTS", parallel)
+    looped = []
+    monkeypatch.setattr(fused_module.FusedPasses, "finish", _spy(fused_module.FusedPasses.finish, looped))
     case = CASES[name]
     spec = case.spec()
     space = spec.space if isinstance(spec, MonomialSpec) else spec
@@ -274,3 +292,15 @@ def test_the_in_place_step_matches_the_reference(name: str, chunk: int, monkeypa
         for k in ("momenta", "v", "step"):
             assert_close(s[k], e[k], f"{k} {i}")
     assert [bool(o) for o in oks] == [bool(o) for o in expected_oks]
+    if use_loop and fused_module.library(torch.float64) is not None:
+        assert looped, "no bucket took the compiled loop"
+    elif not use_loop:
+        assert not looped
+
+
+def _spy(method: Callable, calls: list) -> Callable:
+    def spied(self, *args, **kwargs):
+        calls.append(self)
+        return method(self, *args, **kwargs)
+
+    return spied

@@ -55,7 +55,7 @@ class _Pass(ctypes.Structure):
     _i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     _fields_ = [
         ("n", _i64 * NDIM),
-        ("lane", _i64),
+        ("lane", _i64), ("merged", _i64),
         ("members", _i64), ("threads", _i64),
         ("momenta", _i64), ("adam_index", _i64), ("n_layers", _i64), ("mode", _i64),
         ("activation", _i64), ("flips", _i64),
@@ -160,12 +160,17 @@ def _padded(shape: Sequence[int]) -> tuple[int, ...]:
     return (1,) * (NDIM - len(shape)) + tuple(shape)
 
 
-def _lane(canonical: Sequence[int]) -> int:
-    """The dim of a bucket's tensors that the loop takes in vectors: the last (contiguous) where
-    it is long enough to fill them, else the longest (read with a stride; the innermost of equals,
-    whose stride is shortest)."""
+def _layout(canonical: Sequence[int]) -> tuple[int, bool]:
+    """Which dim of a bucket's tensors the loop takes in vectors: the last (contiguous) where it
+    is long enough to fill them; for a short last dim under two others (conv kernels), the last
+    two together; else the longest (read with a stride; the innermost of equals). And whether
+    the last two are taken together."""
     n = _padded(canonical)
-    return 3 if n[3] >= 16 or n[3] == max(n) else max(range(NDIM), key=lambda d: (n[d], d))
+    if n[3] >= 16 or n[3] == max(n):
+        return 3, False
+    if len(canonical) >= 3 and n[2] * n[3] >= 16:
+        return 2, True
+    return max(range(NDIM), key=lambda d: (n[d], d)), False
 
 
 def _lane_contiguous(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -203,8 +208,10 @@ class _Workspace:
         self.pointers = [(ctypes.c_void_p * members)() for _ in range(4)]  # p, g, m, v of each member
         base = _Pass()
         base.n[:] = _padded(canonical)
-        base.lane = _lane(canonical)
+        base.lane, merged = _layout(canonical)
+        base.merged = int(merged)
         self.lane_dim = 2 + base.lane - (NDIM - len(canonical))  # in (B, C, *canonical)
+        self.merged = merged
         base.members, base.threads = members, threads
         base.momenta, base.adam_index, base.n_layers = len(cfg.momentum_decays), cfg.adam_momentum, len(widths) - 1
         base.activation, base.flips = activation, int(flips)
@@ -227,16 +234,20 @@ class _Workspace:
         keys = tuple(dict.fromkeys(frozenset(d) for d in dims))
         if mode in self._passes and self._passes[mode][0] == keys:
             return self._passes[mode][1:]
-        if len(keys) > MAX_ACC:
-            raise ValueError(f"{len(keys)} means, the fused loop takes {MAX_ACC}")
+        derived = self._derived(keys)
+        direct = tuple(dict.fromkeys([k for k in keys if k not in derived] + list(derived.values())))
+        if len(direct) > MAX_ACC:
+            raise ValueError(f"{len(direct)} means, the fused loop takes {MAX_ACC}")
         s = _Pass()
         ctypes.memmove(ctypes.addressof(s), ctypes.addressof(self.base), ctypes.sizeof(s))
-        s.mode, s.n_acc = mode, len(keys)
+        s.mode, s.n_acc = mode, len(direct)
         members, channels = self.base.members, self.widths[mode]
         means, keep = {}, []
-        for t, key in enumerate(keys):
+        for t, key in enumerate(direct):
             shape = (members, channels, *(1 if i + 2 in key else n for i, n in enumerate(self.canonical)))
-            mean = _lane_contiguous(torch.empty(shape, dtype=self.dtype), self.lane_dim)
+            mean = torch.empty(shape, dtype=self.dtype)
+            if not self.merged:
+                mean = _lane_contiguous(mean, self.lane_dim)
             acc = torch.empty((self.threads, mean.numel()), dtype=torch.float64)
             keep.append(acc)
             means[key] = mean
@@ -246,9 +257,43 @@ class _Workspace:
         if mode == 0:
             s.sumsq, s.gsum = self.sumsq.data_ptr(), self.gsum.data_ptr()
             s.inverse_rms, s.finite = self.inverse_rms.data_ptr(), self.finite.data_ptr()
-        self._passes[mode] = (keys, s, means)
+        self._passes[mode] = (keys, s, _DerivedMeans(means, derived, self.canonical))
         self._buffers += keep
-        return s, means
+        return self._passes[mode][1:]
+
+    def loop_term(self, term: torch.Tensor) -> torch.Tensor:
+        """A broadcast term laid out as the loop reads it: unit stride along the lanes; with the
+        last two dims merged, contiguous, and varying along the last wherever it varies along the
+        second last."""
+        if not self.merged:
+            return _lane_contiguous(term, self.lane_dim)
+        if term.shape[-1] == 1 and term.shape[-2] > 1:
+            term = term.expand(*term.shape[:-1], self.canonical[-1])
+        return term.contiguous()
+
+    def _derived(self, keys: Sequence[frozenset[int]]) -> dict[frozenset[int], frozenset[int]]:
+        """Means the loop cannot take with the last two dims merged (those that keep the second
+        last and average the last), each from the one that keeps both: key -> source."""
+        if not self.merged:
+            return {}
+        d2, d3 = 2 + len(self.canonical) - 2, 2 + len(self.canonical) - 1
+        return {k: k - {d3} for k in keys if d2 not in k and d3 in k and self.canonical[-2] > 1 and self.canonical[-1] > 1}
+
+
+class _DerivedMeans(dict):
+    """The means a pass writes, keyed by their dims, and those reduced from them after it runs."""
+
+    def __init__(self, means: dict[frozenset[int], torch.Tensor], derived: dict[frozenset[int], frozenset[int]],
+                 canonical: tuple[int, ...]) -> None:
+        super().__init__(means)
+        self.derived = derived
+        self.last = 1 + len(canonical)
+
+    def complete(self) -> dict[frozenset[int], torch.Tensor]:
+        out = dict(self)
+        for key, source in self.derived.items():
+            out[key] = self[source].mean(self.last, keepdim=True)
+        return out
 
 
 _WORKSPACES: OrderedDict[tuple, _Workspace] = OrderedDict()
@@ -315,7 +360,7 @@ class FusedPasses:
                 raise ValueError(f"{len(part.terms)} broadcast terms, the fused loop takes {MAX_TERMS}")
             s.n_terms[l] = len(part.terms)
             for t, term in enumerate(part.terms):
-                term = _lane_contiguous(term, self._ws.lane_dim)
+                term = self._ws.loop_term(term)
                 s.term[l][t] = term.data_ptr()
                 s.term_stride[l][t][:] = _strides(term)
                 keep.append(term)
@@ -355,12 +400,12 @@ class FusedPasses:
         torch._foreach_add_(steps, 1.0) if code == 0 else torch._foreach_add_(steps, list(self.ok.unbind(0)))
         step = torch.stack(steps)
         inv = ws.inverse_rms.clone()
-        return KnownMeans(means), context(step, inv, cfg), inv
+        return KnownMeans(means.complete()), context(step, inv, cfg), inv
 
     def means(self, parts: Sequence[Terms], dims: Sequence[tuple[int, ...]]) -> KnownMeans:
         s, means = self._prepared(len(parts), dims)
         self._run(s, parts)
-        return KnownMeans(means)
+        return KnownMeans(means.complete())
 
     def finish(self, parts: Sequence[Terms]) -> None:
         s, _ = self._prepared(len(parts), ())

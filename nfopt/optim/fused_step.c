@@ -76,12 +76,14 @@ static inline float tanh_f(float x) {
 #define MAX_ACC 8
 #define MAX_MOMENTA 8
 #define BLOCK 64
+#define PERIODIC (BLOCK + 16) /* a block's lanes at any phase of a period of at most 16 */
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_TANH = 3 };
 
 typedef struct {
     int64_t n[4];             /* canonical shape, padded in front with ones (a contiguous layout) */
     int64_t lane;             /* the dim taken in vectors; rows run over the others */
+    int64_t merged;           /* lanes run over dims 2 and 3 together (lane is 2): short last dims */
     int64_t members, threads;
     int64_t momenta, adam_index, n_layers, mode; /* mode 0: features; k < n_layers: layer k-1's
                                                     output; n_layers: the update */
@@ -112,9 +114,15 @@ typedef struct {
 
 typedef REAL Block[BLOCK];
 
-static inline REAL lerp(REAL start, REAL end, REAL w) {
-    /* torch.lerp's formula, for results that agree with it */
-    return w < (REAL)0.5 ? start + w * (end - start) : end - (end - start) * ((REAL)1 - w);
+/* x <- lerp(x, end, w) over a block, by torch.lerp's formula (one of two, chosen by w) so that
+ * the results agree with it. */
+static inline void lerp(REAL *restrict x, const REAL *restrict end, REAL w) {
+    if (w < (REAL)0.5) {
+        for (int64_t k = 0; k < BLOCK; k++) x[k] = x[k] + w * (end[k] - x[k]);
+    } else {
+        const REAL rest = (REAL)1 - w;
+        for (int64_t k = 0; k < BLOCK; k++) x[k] = end[k] - (end[k] - x[k]) * rest;
+    }
 }
 
 static inline REAL sign(REAL x) { return (REAL)((x > 0) - (x < 0)); }
@@ -127,6 +135,18 @@ static inline REAL sign(REAL x) { return (REAL)((x > 0) - (x < 0)); }
  * broadcast tensor with these strides. */
 static inline int64_t offset(const int64_t *at, const int64_t *st) {
     return at[0] * st[0] + at[1] * st[2] + at[2] * st[3] + at[3] * st[4] + at[4] * st[5];
+}
+
+/* How a broadcast tensor varies along a row's lanes. */
+enum { ALONG_NONE = 0, ALONG_FLAT = 1, ALONG_PERIODIC = 2, ALONG_OTHER = 3 };
+
+static inline int along(const Pass *s, const int64_t *st) {
+    if (!s->merged) return st[2 + s->lane] == 0 ? ALONG_NONE : ALONG_FLAT; /* unit stride if any */
+    const int64_t n2 = s->n[2], n3 = s->n[3], s2 = st[4], s3 = st[5];
+    if (s2 == 0 && s3 == 0) return ALONG_NONE;
+    if ((n2 == 1 || s2 == n3) && (n3 == 1 || s3 == 1)) return ALONG_FLAT; /* contiguous over dims 2, 3 */
+    if (s2 == 0 && s3 == 1) return ALONG_PERIODIC;                    /* by the index along dim 3 */
+    return ALONG_OTHER;
 }
 
 /* The sum of h[0..len), vectorized. */
@@ -151,17 +171,29 @@ typedef struct {
 /* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum (a sum over
  * the block's lanes is taken once per channel, whatever the number of sums that need it). */
 static void accumulate(const Pass *s, Partial *part, const Block *restrict h, int64_t channels, int64_t len,
-                       const int64_t *at, int64_t k0, int64_t thread) {
+                       const int64_t *at, int64_t k0, int64_t thread, REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
     REAL totals[MAX_CHANNELS];
     int have_totals = 0;
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
-        if (st[2 + s->lane] == 0) {
+        const int how = along(s, st);
+        if (how == ALONG_NONE) {
             double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
             if (!have_totals)
                 for (int64_t c = 0; c < channels; c++) totals[c] = total(h[c], len);
             have_totals = 1;
             for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
+            continue;
+        }
+        if (how == ALONG_PERIODIC) { /* summed by position in the period; folded at the row's end */
+            const int64_t start = k0 % s->n[3];
+            for (int64_t c = 0; c < channels; c++) {
+                REAL *restrict q = fold[t][c] + start;
+                if (len == BLOCK)
+                    for (int64_t k = 0; k < BLOCK; k++) q[k] += h[c][k];
+                else
+                    for (int64_t k = 0; k < len; k++) q[k] += h[c][k];
+            }
             continue;
         }
         REAL *base = part->sums[t] + offset(at, st) + k0;
@@ -171,6 +203,23 @@ static void accumulate(const Pass *s, Partial *part, const Block *restrict h, in
                 for (int64_t k = 0; k < BLOCK; k++) row[k] += h[c][k];
             else
                 for (int64_t k = 0; k < len; k++) row[k] += h[c][k];
+        }
+    }
+}
+
+/* A row's periodic sums, folded into the thread's partial sums and cleared. */
+static void fold_row(const Pass *s, Partial *part, int64_t channels, const int64_t *at,
+                     REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
+    const int64_t n3 = s->n[3];
+    for (int64_t t = 0; t < s->n_acc; t++) {
+        const int64_t *st = s->acc_stride[t];
+        if (along(s, st) != ALONG_PERIODIC) continue;
+        REAL *base = part->sums[t] + offset(at, st);
+        for (int64_t c = 0; c < channels; c++) {
+            REAL *q = fold[t][c], *out = base + c * st[1];
+            for (int64_t j0 = 0; j0 < BLOCK + n3; j0 += n3)
+                for (int64_t d = 0; d < n3 && j0 + d < PERIODIC; d++) out[d] += q[j0 + d];
+            memset(q, 0, sizeof(REAL) * PERIODIC);
         }
     }
 }
@@ -262,10 +311,11 @@ typedef struct {
     REAL w[MAX_CHANNELS][MAX_CHANNELS]; /* [in][out] */
     REAL c0[MAX_CHANNELS];
     const REAL *rows[MAX_TERMS][MAX_CHANNELS];
+    int periodic[MAX_TERMS]; /* rows[t] is a period laid out PERIODIC long: read at k0 % n3 */
 } LayerRow;
 
-static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr) {
-    const int64_t c_in = s->width[l], c_out = s->width[l + 1];
+static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr, REAL (*pattern)[MAX_CHANNELS][PERIODIC]) {
+    const int64_t c_in = s->width[l], c_out = s->width[l + 1], n3 = s->n[3];
     const int64_t group = c_out <= 2 ? 2 : (c_out <= 4 ? 4 : 8), padded = (c_out + group - 1) / group * group;
     const REAL *a = s->a[l] + at[0] * s->a_member_stride[l];
     lr->c_in = c_in, lr->c_out = c_out, lr->group = group, lr->n_rows = 0;
@@ -276,11 +326,23 @@ static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr)
     for (int64_t t = 0; t < s->n_terms[l]; t++) {
         const int64_t *st = s->term_stride[l][t];
         const REAL *term = s->term[l][t] + offset(at, st);
-        if (st[2 + s->lane] == 0) {
+        const int how = along(s, st), r = (int)lr->n_rows;
+        if (how == ALONG_NONE) {
             for (int64_t o = 0; o < c_out; o++) lr->c0[o] += term[o * st[1]];
             continue;
         }
-        for (int64_t o = 0; o < padded; o++) lr->rows[lr->n_rows][o] = o < c_out ? term + o * st[1] : zeros;
+        lr->periodic[r] = how == ALONG_PERIODIC;
+        for (int64_t o = 0; o < padded; o++) {
+            if (o >= c_out) {
+                lr->rows[r][o] = zeros;
+            } else if (how == ALONG_PERIODIC) { /* the period repeated over a block at any phase */
+                for (int64_t j0 = 0; j0 < PERIODIC; j0 += n3)
+                    for (int64_t d = 0; d < n3 && j0 + d < PERIODIC; d++) pattern[r][o][j0 + d] = term[o * st[1] + d];
+                lr->rows[r][o] = pattern[r][o];
+            } else {
+                lr->rows[r][o] = term + o * st[1];
+            }
+        }
         lr->n_rows++;
     }
 }
@@ -289,7 +351,7 @@ static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr)
  * stay in registers: independent chains of multiply-adds instead of one long one), and so is
  * the number of input channels where it is CI (those past c_in have zero weights). */
 static inline __attribute__((always_inline)) void mix(const int G, const int act, const int CI, const LayerRow *lr, int64_t o0,
-                                                      const REAL *const rows[][MAX_CHANNELS], int64_t off,
+                                                      const REAL *rows[][MAX_CHANNELS], int64_t off,
                                                       const Block *restrict in, Block *restrict out) {
     for (int64_t kv = 0; kv < BLOCK; kv += VL) {
         Vec y[8];
@@ -325,22 +387,24 @@ static inline __attribute__((always_inline)) void mix(const int G, const int act
 /* One NF-layer on a block at k0 of a row: out = a·in + constant + broadcast terms, then the
  * activation. Output channels past c_out (up to a whole group) are written with junk. */
 static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict out, int64_t len, int64_t k0,
-                  int64_t act) {
-    const REAL *const(*rows)[MAX_CHANNELS] = (const REAL *const(*)[MAX_CHANNELS])lr->rows;
-    const REAL *tail[MAX_TERMS][MAX_CHANNELS];
+                  int64_t n3, int64_t act) {
+    const REAL *rows[MAX_TERMS][MAX_CHANNELS]; /* each varying term's lanes of this block */
     Block padded[MAX_TERMS][8];
-    const int64_t group = lr->group;
-    int64_t off = k0;
+    const int64_t group = lr->group, off = 0;
     for (int64_t o0 = 0; o0 < lr->c_out; o0 += group) {
-        if (len < BLOCK) { /* the row ends inside this block: its terms are read only up to there */
-            for (int64_t t = 0; t < lr->n_rows; t++)
-                for (int64_t g = 0; g < group; g++) {
-                    load(padded[t][g], lr->rows[t][o0 + g] + k0, len, 1, NULL);
-                    tail[t][o0 + g] = padded[t][g];
-                }
-            rows = (const REAL *const(*)[MAX_CHANNELS])tail;
-            off = 0;
-        }
+        for (int64_t t = 0; t < lr->n_rows; t++)
+            for (int64_t g = 0; g < group; g++) {
+                const REAL *row = lr->rows[t][o0 + g];
+                if (row == zeros)
+                    rows[t][o0 + g] = zeros;
+                else if (lr->periodic[t])
+                    rows[t][o0 + g] = row + k0 % n3;
+                else if (len < BLOCK) { /* the row ends inside this block: read only up to there */
+                    load(padded[t][g], row + k0, len, 1, NULL);
+                    rows[t][o0 + g] = padded[t][g];
+                } else
+                    rows[t][o0 + g] = row + k0;
+            }
         if (group == 2) {
             MIX(2)
         } else if (group == 4) {
@@ -359,15 +423,34 @@ static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict 
 
 /* One row (member, i0, i1, i2) of a pass. */
 /* A thread's blocks: features, two hidden layers (alternating), the new second moment and u.
- * Zeroed once per pass: channels a layer reads past its inputs (with zero weights) are never
- * written and must hold finite values. */
+ * Zeroed at the start of each pass: channels a layer reads past its inputs (with zero weights)
+ * are never written and must hold finite values. */
 typedef struct {
     Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
+    REAL (*fold)[MAX_CHANNELS][PERIODIC];                 /* merged lanes: periodic sums of a row */
+    REAL (*pattern)[MAX_TERMS][MAX_CHANNELS][PERIODIC];   /* merged lanes: periodic terms of a row */
 } Scratch;
+
+/* The calling thread's scratch, made on its first pass and kept (threads are a pool), cleared
+ * for this pass; null where memory ran out. */
+static Scratch *thread_scratch(int64_t merged) {
+    static __thread Scratch *scratch;
+    if (!scratch && !(scratch = calloc(1, sizeof(Scratch)))) return NULL;
+    memset(scratch->x, 0, sizeof scratch->x);
+    memset(scratch->h0, 0, sizeof scratch->h0);
+    memset(scratch->h1, 0, sizeof scratch->h1);
+    if (merged) {
+        if (!scratch->fold) scratch->fold = malloc(MAX_ACC * sizeof *scratch->fold);
+        if (!scratch->pattern) scratch->pattern = malloc(MAX_LAYERS * sizeof *scratch->pattern);
+        if (!scratch->fold || !scratch->pattern) return NULL;
+        memset(scratch->fold, 0, MAX_ACC * sizeof *scratch->fold);
+    }
+    return scratch;
+}
 
 static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thread) {
     const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, lane = s->lane;
-    const int64_t numel = s->n[0] * s->n[1] * s->n[2] * s->n[3], n_lane = s->n[lane];
+    const int64_t numel = s->n[0] * s->n[1] * s->n[2] * s->n[3], n_lane = s->merged ? s->n[2] * s->n[3] : s->n[lane];
     const int64_t root = M + 2, dir = M + 3; /* channels: p, g, momenta, sqrt(v̂), u */
     const int last = s->mode == L;
     Block *x = w->x, *h0 = w->h0, *h1 = w->h1;
@@ -376,8 +459,8 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     /* the row's member and index along every dim but the lane's; its offset in a member's data */
     int64_t at[5] = {0, 0, 0, 0, 0}, q = 0, stride = 1, ls = 1, rest = r;
     for (int64_t d = 3; d >= 0; d--) {
-        if (d == lane) {
-            ls = stride;
+        if (d == lane || (s->merged && d == 3)) {
+            if (d == lane && !s->merged) ls = stride; /* merged lanes are contiguous */
         } else {
             at[1 + d] = rest % s->n[d];
             rest /= s->n[d];
@@ -396,7 +479,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     for (int64_t k = 0; k < BLOCK; k++) index[k] = (int32_t)(k * ls);
     double gsum = 0;
     LayerRow layers[MAX_LAYERS];
-    for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l]);
+    for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l], s->merged ? w->pattern[l] : NULL);
     for (int64_t k0 = 0; k0 < n_lane; k0 += BLOCK) {
         const int64_t len = n_lane - k0 < BLOCK ? n_lane - k0 : BLOCK, e = k0 * ls;
         /* features: p, g, the new momenta, sqrt(v̂), u */
@@ -409,10 +492,12 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         for (int64_t j = 0; j < M; j++) {
             load(x[2 + j], Mm + j * numel + e, len, ls, index);
             const REAL w = (REAL)s->rates[j] * ok_r;
-            for (int64_t k = 0; k < BLOCK; k++) x[2 + j][k] = lerp(x[2 + j][k], x[1][k], w);
+            lerp(x[2 + j], x[1], w);
         }
         load(v, V + e, len, ls, index);
-        for (int64_t k = 0; k < BLOCK; k++) v[k] = lerp(v[k], x[1][k] * x[1][k], v_rate);
+        Block g2;
+        for (int64_t k = 0; k < BLOCK; k++) g2[k] = x[1][k] * x[1][k];
+        lerp(v, g2, v_rate);
         for (int64_t k = 0; k < BLOCK; k++) {
             x[root][k] = SQRT(v[k] * inv_bc2 + fl);
             u[k] = x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
@@ -426,18 +511,18 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
                 for (int64_t k = 0; k < BLOCK; k++) sq[k] = x[c][k] * x[c][k];
                 sumsq[c] += total(sq, len);
             }
-            accumulate(s, part, (const Block *)x, C0, len, at, k0, thread);
+            accumulate(s, part, (const Block *)x, C0, len, at, k0, thread, w->fold);
             continue;
         }
         /* layers, up to the one this pass needs */
         const Block *in = (const Block *)x;
         for (int64_t l = 0; l < L && l < s->mode; l++) {
             Block *out = (l % 2 == 0) ? h0 : h1;
-            layer(&layers[l], in, out, len, k0, l < L - 1 ? s->activation : ACT_NONE);
+            layer(&layers[l], in, out, len, k0, s->n[3], l < L - 1 ? s->activation : ACT_NONE);
             in = (const Block *)out;
         }
         if (!last) {
-            accumulate(s, part, in, s->width[s->mode], len, at, k0, thread);
+            accumulate(s, part, in, s->width[s->mode], len, at, k0, thread, w->fold);
             continue;
         }
         /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
@@ -458,6 +543,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         store(V + e, v, len, ls, index);
     }
     if (s->mode == 0) s->gsum[thread * B + b] += gsum;
+    if (s->merged && !last) fold_row(s, part, s->width[s->mode], at, w->fold);
 }
 
 /* Sum the threads' buffers into the first, in thread order (the same result for any schedule). */
@@ -480,20 +566,26 @@ int ENTRY(const Pass *s) {
         memset(s->sumsq, 0, sizeof(double) * T * B * C0);
         memset(s->gsum, 0, sizeof(double) * T * B);
     }
-    if (s->lane < 0 || s->lane > 3) return 1;
-    const int64_t rows = B * s->n[0] * s->n[1] * s->n[2] * s->n[3] / (s->n[s->lane] ? s->n[s->lane] : 1);
+    if (s->lane < 0 || s->lane > 3 || (s->merged && (s->lane != 2 || s->n[3] > 16))) return 1;
+    const int64_t per_row = s->merged ? s->n[2] * s->n[3] : s->n[s->lane];
+    const int64_t rows = per_row ? B * s->n[0] * s->n[1] * s->n[2] * s->n[3] / per_row : 0;
+    for (int64_t t = 0; t < s->n_acc; t++)
+        if (along(s, s->acc_stride[t]) == ALONG_OTHER) return 1;
+    for (int64_t l = 0; l < L; l++)
+        for (int64_t t = 0; t < s->n_terms[l]; t++)
+            if (along(s, s->term_stride[l][t]) == ALONG_OTHER) return 1;
     int failed = 0;
 #pragma omp parallel num_threads(T) if (T > 1) reduction(| : failed)
     {
         const int64_t thread = omp_get_thread_num();
         Partial part = {{0}};
-        Scratch *scratch = calloc(1, sizeof(Scratch));
-        failed |= scratch == NULL;
         for (int64_t t = 0; t < s->n_acc; t++)
-            if (s->acc_stride[t][2 + s->lane] != 0) {
+            if (along(s, s->acc_stride[t]) != ALONG_NONE) {
                 part.sums[t] = calloc(s->acc_size[t], sizeof(REAL));
                 failed |= part.sums[t] == NULL;
             }
+        Scratch *scratch = thread_scratch(s->merged);
+        failed |= scratch == NULL;
         int64_t since = 0;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
@@ -506,7 +598,6 @@ int ENTRY(const Pass *s) {
         }
         if (!failed) flush(s, &part, thread);
         for (int64_t t = 0; t < s->n_acc; t++) free(part.sums[t]);
-        free(scratch);
     }
     if (failed) return 3;
     for (int64_t t = 0; t < s->n_acc; t++) {
