@@ -38,7 +38,9 @@ from ..nn.plan import Bucket
 from .features import SQRT_FLOOR, bias_corrections, context
 
 SOURCE = Path(__file__).with_name("fused_step.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-mprefer-vector-width=512", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared") + (
+    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+)
 MAX_LAYERS, MAX_CHANNELS, MAX_TERMS, MAX_ACC, MAX_MOMENTA, NDIM = 4, 32, 8, 8, 8, 4
 PARALLEL_ELEMENTS = 1 << 15
 """Elements of a bucket below which a pass stays on one thread."""
