@@ -14,7 +14,8 @@ Importing it registers :class:`DifferentiableNFNOptimizer` for :class:`NFNOptimi
 unrolls the learned optimizer with a gradient tape: the meta-gradient reaches the model's initial
 weights (``copy_initial_weights=False``), tensor hyper-parameters passed through ``override``
 (``lr``, ``weight_decay``), and the rule's own weights once they require grad
-(``opt.rule.requires_grad_(True)``; NFNOptimizer freezes them). The update is the rule's functional
+(``opt.rule.requires_grad_(True)``; NFNOptimizer freezes them). ``lr`` is a learning rate, so the
+rule's learned α (which only sets the default ``lr``) gets no meta-gradient. The update is the rule's functional
 forward, the one NFNOptimizer applies under ``no_grad``, so both follow the same trajectory.
 """
 
@@ -71,6 +72,8 @@ class DifferentiableNFNOptimizer(higher.optim.DifferentiableOptimizer):
             return
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         weights = {k: w.to(device=params[0].device, dtype=dtype) for k, w in opt.rule.named_parameters()}
+        alpha = opt.rule.config.alpha * weights["log_alpha"].exp()  # the rule scales its step by α
+        lrs = [lr / alpha for lr in lrs]
         new_params, new_stats, oks = functional_call(
             opt.rule,
             weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import json
 import warnings
 from collections.abc import Iterable
@@ -47,6 +48,29 @@ Labelling = WeightSpaceSpec | MonomialSpec | ModelLabelling | MonomialLabelling
 def _statistics(cfg: FeatureConfig) -> tuple[tuple[float, ...], float]:
     """What the per-parameter state's statistics are: the momenta's decay rates and beta2."""
     return cfg.momentum_decays, cfg.beta2
+
+
+_STATS = ("step", "momenta", "v")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, DataParallel and ``torch.compile`` wrappers
+    (which hold the same parameters and hide the structure from tracing)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_lr(lr: float | torch.Tensor) -> None:
+    """A learning rate is a non-negative number or a one-element tensor (as torch.optim takes)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 def _rule_tensors(rule: LearnedUpdate) -> list[torch.Tensor]:
@@ -97,8 +121,11 @@ class NFNOptimizer(Optimizer):
     Args:
         params: parameters or param groups, as for any ``torch.optim.Optimizer``.
         ckpt: path of a checkpoint written by meta-training, or ``None`` for the packaged default.
-        lr: multiplier of the learned step (1.0 = as meta-trained); learning-rate schedulers scale it.
-        weight_decay: decoupled weight decay, applied as AdamW does with learning rate ``lr·α``.
+        lr: the learning rate, in Adam's units (the learned step is Adam's direction plus a bounded
+            learned residual, times ``lr`` and a learned per-element scale). Default: the rule's
+            meta-trained α (:meth:`LearnedUpdate.scalars`), so ``lr=2 * opt.rule.scalars()[0]``
+            doubles the learned step; schedulers scale it as they scale Adam's.
+        weight_decay: decoupled weight decay, applied as AdamW does with learning rate ``lr``.
         labelling: the weight-space labelling of the parameters, in order: what
             :func:`~nfopt.labelling.label_model` or :func:`~nfopt.labelling.label_monomial` return
             for a model whose parameters are all given, or its ``.params``
@@ -121,24 +148,26 @@ class NFNOptimizer(Optimizer):
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         ckpt: str | Path | None = None,
-        lr: float = 1.0,
+        lr: float | torch.Tensor | None = None,
         weight_decay: float = 0.0,
         labelling: Labelling | None = None,
         *,
         rule: LearnedUpdate | None = None,
     ) -> None:
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate multiplier: {lr}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         if rule is None:
             path = default_checkpoint_path() if ckpt is None else Path(ckpt)
             rule = load_rule(path)
         elif ckpt is not None:
             raise ValueError("give either ckpt or rule, not both")
+        if lr is None:
+            lr = float(rule.scalars()[0].detach())
+        _check_lr(lr)
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.rule = rule
         self._rules: dict[tuple[torch.device, torch.dtype], _RuleCopy] = {}
+        self._alpha: tuple[tuple[int, int, int], float] | None = None
         self._labels: dict[int, TensorSpec] = {}
         self._exponents: dict[int, tuple[int, ...]] = {}
         self._symmetries: dict[Any, str] = {}
@@ -148,6 +177,31 @@ class NFNOptimizer(Optimizer):
             self._set_labelling(labelling)
         for group in self.param_groups:
             self._check_group(group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy or pickle keeps: torch's optimizer state, the rule, and the labelling by
+        parameter position (parameters are other objects in the copy)."""
+        state = super().__getstate__()
+        params = self._all_params()
+        state.update(
+            _rule=self._rule,
+            _warned_nonfinite=self._warned_nonfinite,
+            _symmetries=self._symmetries,
+            _labels=[self._labels.get(id(p)) for p in params] if self._labels else None,
+            _exponents=[self._exponents.get(id(p)) for p in params],
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_rule" not in state:  # torch's load_state_dict sets only state and groups this way
+            super().__setstate__(state)
+            return
+        labels, exponents = state.pop("_labels"), state.pop("_exponents")
+        super().__setstate__(state)
+        params = self._all_params()
+        self._labels = {} if labels is None else {id(p): t for p, t in zip(params, labels) if t is not None}
+        self._exponents = {id(p): e for p, e in zip(params, exponents) if e is not None}
+        self._rules, self._specs, self._alpha = {}, {}, None
 
     @property
     def rule(self) -> LearnedUpdate:
@@ -191,7 +245,9 @@ class NFNOptimizer(Optimizer):
     ) -> NFNOptimizer:
         """An optimizer that knows the model's structure, so the NFN couples connected layers.
 
-        ``params`` (default: ``model.parameters()``) may be param groups of the model's parameters,
+        A model wrapped by DistributedDataParallel, DataParallel or ``torch.compile`` is read
+        through the wrapper (:func:`unwrapped`). ``params`` (default: ``model.parameters()``) may
+        be param groups of the model's parameters,
         any subset in any order. ``example_inputs`` let the structure inference follow shapes (a
         flatten of a 1x1 map, a BatchNorm1d); see :func:`nfopt.labelling.label_model`. The
         labelling is :func:`~nfopt.labelling.label_monomial`'s for a rule meta-trained with
@@ -199,6 +255,7 @@ class NFNOptimizer(Optimizer):
         """
         if "labelling" in kwargs:
             raise TypeError("for_model infers the labelling; to give one, use NFNOptimizer(params, labelling=...)")
+        model = unwrapped(model)
         opt = cls(model.parameters() if params is None else params, ckpt, **kwargs)
         labeller = label_monomial if opt.rule.config.sign_flips else label_model
         mono = as_monomial(opt._params_spec(labeller(model, example_inputs)))
@@ -250,6 +307,7 @@ class NFNOptimizer(Optimizer):
         self._symmetries = dict(mono.symmetries)
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        _check_lr(group["lr"])
         for p in group["params"]:
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"NFNOptimizer does not support sparse parameters (layout {p.layout})")
@@ -303,10 +361,24 @@ class NFNOptimizer(Optimizer):
             cast = self._rules[(device, dtype)] = _RuleCopy.make(rule, tensors, device, dtype)
         return cast.rule
 
+    def _learned_alpha(self, rule: LearnedUpdate) -> float:
+        """The rule's α as a float, read again only when its weight changed (reading a CUDA
+        tensor waits for the device)."""
+        log_alpha = rule.log_alpha
+        key = (id(rule), log_alpha.data_ptr(), log_alpha._version)
+        if self._alpha is None or self._alpha[0] != key:
+            alpha = float(rule.scalars()[0].detach())
+            if not 0 < alpha < math.inf:
+                raise ValueError(f"the rule's learned α is {alpha}; it must be a positive number")
+            self._alpha = (key, alpha)
+        return self._alpha[1]
+
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state, plus :attr:`rule_fingerprint`, the current rule's."""
+        """The usual optimizer state, plus :attr:`rule_fingerprint`, the current rule's, and a mark
+        that the groups' ``lr`` are learning rates (older nfopt saved multipliers of α)."""
         sd = super().state_dict()
         sd["rule_fingerprint"] = self.rule_fingerprint
+        sd["lr_is_learning_rate"] = True
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -316,7 +388,26 @@ class NFNOptimizer(Optimizer):
         of bf16 parameters.) Warns if the state was made with a different learned rule.
         """
         state_dict = dict(state_dict)
+        for i, saved in state_dict.get("state", {}).items():
+            missing = [k for k in _STATS if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"the state of parameter {i} has keys {sorted(saved)}, not NFNOptimizer's {list(_STATS)}: "
+                    "this state_dict was made by another optimizer (its statistics cannot be read as the "
+                    "learned rule's); start NFNOptimizer fresh instead"
+                )
         fingerprint, ours = state_dict.pop("rule_fingerprint", None), self.rule_fingerprint
+        if not state_dict.pop("lr_is_learning_rate", False) and fingerprint is not None:
+            alpha = self._learned_alpha(self.rule)
+            state_dict["param_groups"] = [
+                {**g, **{k: g[k] * alpha for k in ("lr", "initial_lr") if k in g}} for g in state_dict["param_groups"]
+            ]
+            warnings.warn(
+                "this optimizer state is from an nfopt whose lr was a multiplier of the learned α; its "
+                f"groups' lr were read as learning rates lr·α (α = {alpha:.3g})",
+                UserWarning,
+                stacklevel=2,
+            )
         if fingerprint is not None and fingerprint != ours:
             warnings.warn(
                 "loading optimizer state made with a different learned rule "
@@ -365,7 +456,15 @@ class NFNOptimizer(Optimizer):
         rule = self._rule_for(params[0].device, dtype)
         spec = self.spec_for(params)
         work = [p.to(dtype) for p in params]
-        oks = rule.step_(spec, work, [g.to(dtype) for g in grads], states, lrs, wds)
+        alpha = self._learned_alpha(rule)
+        multipliers = [lr / alpha for lr in lrs]  # the rule scales its step by α times these
+        # statistics kept in another dtype (a float64 parameter beside float32 ones) step as copies
+        work_states = [s if s["v"].dtype == dtype else {k: s[k].to(dtype) for k in _STATS} for s in states]
+        oks = rule.step_(spec, work, [g.to(dtype) for g in grads], work_states, multipliers, wds)
+        for s, w in zip(states, work_states):
+            if w is not s:
+                for k in _STATS:
+                    s[k].copy_(w[k])
         converted = [(p, w) for p, w in zip(params, work) if w is not p]  # parameters not in the compute dtype
         if converted:
             torch._foreach_copy_([p for p, _ in converted], [w for _, w in converted])

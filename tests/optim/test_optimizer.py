@@ -42,7 +42,7 @@ def train(model, opt, steps, start=0, scheduler=None):
 @pytest.mark.parametrize("lr_mult,weight_decay", [(1.0, 0.0), (0.5, 0.0), (1.0, 0.1)])
 def test_fresh_rule_is_adam(lr_mult, weight_decay):
     a, b = mlp(), mlp()
-    opt = NFNOptimizer(a.parameters(), rule=fresh_rule(), lr=lr_mult, weight_decay=weight_decay)
+    opt = NFNOptimizer(a.parameters(), rule=fresh_rule(), lr=1e-3 * lr_mult, weight_decay=weight_decay)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-3 * lr_mult, weight_decay=weight_decay)
     train(a, opt, 50)
     train(b, ref, 50)
@@ -79,22 +79,22 @@ def test_default_checkpoint_loads_and_trains():
 def test_param_groups_and_scheduler_scale_the_learned_step():
     a, b = mlp(), mlp()
     groups = lambda m: [  # noqa: E731
-        {"params": m[0].parameters(), "lr": 0.5},
+        {"params": m[0].parameters(), "lr": 5e-4},
         {"params": list(m[2].parameters()) + list(m[4].parameters())},
     ]
     opt = NFNOptimizer(groups(a), rule=fresh_rule())
-    ref = torch.optim.Adam([{**g, "lr": 1e-3 * g.get("lr", 1.0)} for g in groups(b)], lr=1e-3)
+    ref = torch.optim.Adam(groups(b), lr=1e-3)
     train(a, opt, 20, scheduler=torch.optim.lr_scheduler.StepLR(opt, 5, gamma=0.5))
     train(b, ref, 20, scheduler=torch.optim.lr_scheduler.StepLR(ref, 5, gamma=0.5))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5**4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * 0.5**4)
 
 
 def test_add_param_group():
     model = mlp()
     opt = NFNOptimizer(model[0].parameters(), rule=open_rule())
-    opt.add_param_group({"params": model[2].parameters(), "lr": 0.1})
+    opt.add_param_group({"params": model[2].parameters(), "lr": 1e-4})
     before = [p.clone() for p in model.parameters()]
     train(model, opt, 1)
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), before)]
@@ -253,11 +253,13 @@ def test_rule_is_shared_not_trained():
     for k, v in rule.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert all(not p.requires_grad and p.grad is None for p in rule.parameters())
-    rule.log_alpha.fill_(-math.inf)  # α = 0: the shared rule now leaves every parameter where it is
-    for m, opt in zip(models, opts):
-        before = [p.clone() for p in m.parameters()]
+    twins = [copy.deepcopy((m, opt)) for m, opt in zip(models, opts)]  # with a copy of the rule as it was
+    with torch.no_grad():
+        rule.nfn.layers[-1].bias[:, 1] = -100.0  # the step-size channel at its floor: every step shrinks
+    for (m, opt), (twin, twin_opt) in zip(zip(models, opts), twins):
         train(m, opt, 1, start=3)
-        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+        train(twin, twin_opt, 1, start=3)
+        assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), twin.parameters()))
 
 
 def next_step_by_a_fresh_optimizer(model: nn.Module, opt: NFNOptimizer, step: int) -> list[torch.Tensor]:
@@ -278,7 +280,7 @@ def test_changing_the_rule_after_a_step_changes_the_next_step(dtype, change):
     train(model, opt, 2)
     unchanged = next_step_by_a_fresh_optimizer(model, opt, 2)
     if change == "in place":
-        opt.rule.log_alpha.add_(1.0)
+        opt.rule.log_gamma.add_(1.0)
     else:
         opt.rule = open_rule(seed=1)
     expected = next_step_by_a_fresh_optimizer(model, opt, 2)
