@@ -52,6 +52,10 @@ def _statistics(cfg: FeatureConfig) -> tuple[tuple[float, ...], float]:
 
 _STATS = ("step", "momenta", "v")
 
+WARN_AT_ONCE = {"cpu"}
+"""Devices where the step checks for skipped non-finite gradients at once (elsewhere that would
+wait for the device: the check waits for the next :meth:`NFNOptimizer.state_dict`)."""
+
 
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel, DataParallel and ``torch.compile`` wrappers
@@ -141,7 +145,8 @@ class NFNOptimizer(Optimizer):
     float32 (float64 for float64 parameters); parameters of any floating dtype are updated in
     float32 (float64 stays float64) and written back in their own dtype. A gradient holding inf
     or NaN leaves that tensor and its statistics untouched for the step; ``nonfinite_skips``
-    counts them (on CPU a warning says so once; on other devices checking would synchronize).
+    counts them, and a warning says so once (on the CPU at that step; on other devices, where
+    asking would wait for the device, at the next :meth:`state_dict`).
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class NFNOptimizer(Optimizer):
         self._symmetries: dict[Any, str] = {}
         self._specs: dict[tuple[int, ...], WeightSpaceSpec | MonomialSpec] = {}
         self._warned_nonfinite = False
+        self._nonfinite_seen: torch.Tensor | None = None  # on devices where asking would wait
         if labelling is not None:
             self._set_labelling(labelling)
         for group in self.param_groups:
@@ -202,6 +208,7 @@ class NFNOptimizer(Optimizer):
         self._labels = {} if labels is None else {id(p): t for p, t in zip(params, labels) if t is not None}
         self._exponents = {id(p): e for p, e in zip(params, exponents) if e is not None}
         self._rules, self._specs, self._alpha = {}, {}, None
+        self._nonfinite_seen = None
 
     @property
     def rule(self) -> LearnedUpdate:
@@ -373,9 +380,23 @@ class NFNOptimizer(Optimizer):
             self._alpha = (key, alpha)
         return self._alpha[1]
 
+    def _warn_nonfinite(self, skipped: bool) -> None:
+        if skipped and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "NFNOptimizer: a gradient held inf or NaN; that tensor's update was skipped "
+                "(counted in state['nonfinite_skips']). Warned once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def state_dict(self) -> dict[str, Any]:
         """The usual optimizer state, plus :attr:`rule_fingerprint`, the current rule's, and a mark
-        that the groups' ``lr`` are learning rates (older nfopt saved multipliers of α)."""
+        that the groups' ``lr`` are learning rates (older nfopt saved multipliers of α). Saving
+        waits for the device anyway: a skipped non-finite gradient seen there is told here."""
+        if self._nonfinite_seen is not None:
+            seen, self._nonfinite_seen = self._nonfinite_seen, None
+            self._warn_nonfinite(bool(seen))
         sd = super().state_dict()
         sd["rule_fingerprint"] = self.rule_fingerprint
         sd["lr_is_learning_rate"] = True
@@ -424,9 +445,13 @@ class NFNOptimizer(Optimizer):
                 k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()
             }
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step; returns the closure's loss if one is given."""
+        """Perform one optimization step; returns the closure's loss if one is given.
+
+        ``torch.compile`` leaves it as it is (on the CPU its per-element work is a compiled loop
+        already; tracing the rest would break the graph on every tensor for no gain)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -470,13 +495,10 @@ class NFNOptimizer(Optimizer):
             torch._foreach_copy_([p for p, _ in converted], [w for _, w in converted])
         finite = torch.stack(oks)
         torch._foreach_add_([s["nonfinite_skips"] for s in states], list((1 - finite).to(torch.int64).unbind()))
-        if params[0].device.type == "cpu" and not self._warned_nonfinite:
-            if not bool(finite.all()):
-                self._warned_nonfinite = True
-                warnings.warn(
-                    "NFNOptimizer: a gradient held inf or NaN; that tensor's update was skipped "
-                    "(counted in state['nonfinite_skips']). Warned once.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if not self._warned_nonfinite:
+            skipped = finite.min() < 1
+            if params[0].device.type in WARN_AT_ONCE:
+                self._warn_nonfinite(bool(skipped))
+            else:  # asking would wait for the device: remembered there, told at the next state_dict()
+                self._nonfinite_seen = skipped if self._nonfinite_seen is None else self._nonfinite_seen | skipped
         return loss

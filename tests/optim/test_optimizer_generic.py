@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,44 @@ def test_for_model_reads_through_wrappers(tmp_path) -> None:
         assert NFNOptimizer.for_model(wrapped, rule=open_rule()).spec_for(list(model.parameters())) == plain
     finally:
         dist.destroy_process_group()
+
+
+def test_a_skipped_gradient_on_a_device_is_told_at_state_dict(monkeypatch) -> None:
+    """Where checking would wait for the device (here the CPU made to act as one), a skipped
+    non-finite gradient warns at the next state_dict(), once; nothing is lost meanwhile."""
+    from nfopt.optim import optimizer as optimizer_module
+
+    monkeypatch.setattr(optimizer_module, "WARN_AT_ONCE", set())
+    model = mlp()
+    opt = NFNOptimizer(model.parameters(), rule=open_rule())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[0].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="inf or NaN"):
+        sd = opt.state_dict()
+    assert sd["state"][0]["nonfinite_skips"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.state_dict()
+
+
+def test_compiling_the_step_compiles_nothing() -> None:
+    """torch.compile(opt.step) runs the step as it is: no frame is traced (each would recompile
+    and break the graph), and the trajectory is the eager one."""
+    from torch._dynamo.testing import CompileCounter
+
+    a, b = mlp(), mlp()
+    opt_a, opt_b = (NFNOptimizer(m.parameters(), rule=open_rule()) for m in (a, b))
+    counter = CompileCounter()
+    opt_a.step = torch.compile(opt_a.step, backend=counter)
+    train(a, opt_a, 3)
+    train(b, opt_b, 3)
+    assert counter.frame_count == 0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 @pytest.mark.xfail(
