@@ -149,6 +149,7 @@ class AxisInference:
         self.rules = rules
         self.traces = Traces()
         self._out_meta: Any = None
+        self.not_understood: dict[int, nn.Module] = {}  # modules with parameters read as opaque
 
     # ---- variables -------------------------------------------------------------------------------
 
@@ -207,6 +208,8 @@ class AxisInference:
         if module is not None:
             for t in [*module.parameters(), *module.buffers()]:
                 self.pin(self.tensor(t))
+            if any(True for _ in module.parameters()):
+                self.not_understood[id(module)] = module
         return UNKNOWN
 
     def call_module(self, m: nn.Module, args: tuple, kwargs: dict) -> Any:

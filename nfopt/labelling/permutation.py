@@ -20,6 +20,7 @@ operation and module does, :mod:`~nfopt.labelling.op_rules` and :mod:`~nfopt.lab
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,26 @@ def label_model(model: nn.Module, example_inputs: tuple | torch.Tensor | None = 
             inference.pin(inference.tensor(b))
     inference.analyse(model, as_tuple(example_inputs))
     specs = inference.specs(params + kept)
+    _warn_not_understood(model, inference, specs[: len(params)], example_inputs is None)
     return ModelLabelling(WeightSpaceSpec(specs[: len(params)]), WeightSpaceSpec(specs[len(params) :]))
+
+
+def _warn_not_understood(model: nn.Module, inference: AxisInference, specs: Sequence[TensorSpec], no_inputs: bool) -> None:
+    """One warning naming the modules whose parameters were left uncoupled because the
+    inference did not understand them, and how many tensors that leaves coupled to nothing."""
+    if not inference.not_understood:
+        return
+    names = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if id(m) in inference.not_understood]
+    shared = Counter(label for t in specs for label in t.axes if label is not None)
+    alone = sum(1 for t in specs if all(label is None or shared[label] == 1 for label in t.axes))
+    hint = " Passing example_inputs lets it follow shapes." if no_inputs else ""
+    warnings.warn(
+        f"label_model does not understand {len(names)} module(s) with parameters: {', '.join(names[:8])}"
+        f"{' ...' if len(names) > 8 else ''}; their tensors get independent labels, and {alone} of "
+        f"{len(specs)} parameter tensors are coupled to nothing (the optimizer works on them, without "
+        f"the structure).{hint}",
+        stacklevel=3,
+    )
 
 
 def label_explicit(model: nn.Module, axes: Mapping[str, Sequence[Label]]) -> ModelLabelling:
