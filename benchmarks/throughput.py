@@ -76,8 +76,9 @@ def measure(config: MetaConfig, meta_steps: int) -> dict[str, Any]:
     Returns the counts of the run's provenance (``inner_steps``, ``tasks_drawn``,
     ``wall_time_s``, ``inner_steps_per_s``); ``inner_steps_per_s_after_first``, the same over
     the meta-steps after the first (which draws every slot's task and fills the caches); and
-    the rule's forward: ``rule_forward_s``, ``rule_forward_calls`` (one per inner step) and
-    ``rule_forward_share`` of the wall time. This process's intra-op thread count is restored.
+    the rule's forward: ``rule_forward_s``, ``rule_forward_calls`` (one per inner step, taken by
+    all slots together) and ``rule_forward_share`` of the wall time. This process's intra-op
+    thread count is restored.
     """
     threads = torch.get_num_threads()
     device = torch.device(config.device)

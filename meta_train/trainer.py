@@ -33,7 +33,7 @@ from .distributed import Group
 from .init_rule import init_rule
 from .tasks.models import ACTIVATIONS
 from .tasks import TaskConfig, sample_task_config
-from .unroll import LOSS_EPS, InnerRun
+from .unroll import LOSS_EPS, InnerRun, unroll_together
 
 OPERATIONAL_FIELDS: frozenset[str] = frozenset(
     {"meta_steps", "device", "threads", "out", "checkpoint", "checkpoint_every", "log_dir", "log_every"}
@@ -213,6 +213,25 @@ class MetaTrainer:
         self.runs[i] = run
         return run, drawn
 
+    def _meta_gradients(self, meta_losses: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Flat meta-gradients whose sum is that of the (finite) meta-losses, one per loss and None
+        for a loss whose gradient is not finite. The runs were unrolled together, so one backward
+        pass of the losses' sum serves them all (returned as the first's, zeros for the others);
+        only where that gradient is not finite is each taken alone, to drop the ones at fault."""
+        if not meta_losses:
+            return []
+
+        def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
+            grads = torch.autograd.grad(loss, self.params, materialize_grads=True, retain_graph=retain)
+            return torch.cat([g.reshape(-1) for g in grads])
+
+        several = len(meta_losses) > 1
+        total = flat(sum(meta_losses), retain=several)
+        if bool(torch.isfinite(total).all()):
+            return [total] + [torch.zeros_like(total)] * (len(meta_losses) - 1)
+        alone = [flat(m, retain=True) for m in meta_losses] if several else [total]
+        return [g if bool(torch.isfinite(g).all()) else None for g in alone]
+
     def meta_step(self) -> dict[str, float]:
         """One truncation of every slot and one meta-update; returns this step's statistics (all ranks).
 
@@ -225,22 +244,23 @@ class MetaTrainer:
         grad_sum = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.device)
         keys = ("finite_tasks", "meta_loss", "inner_loss", "inner_steps", "tasks_drawn", "dropped_tasks")
         local = dict.fromkeys(keys, 0.0)
+        runs = []
         for i in range(len(self.runs)):
             run, drawn = self._run(i)
-            meta_loss, info = run.unroll(self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps)
-            local["inner_steps"] += info["steps"]
+            runs.append(run)
             local["tasks_drawn"] += drawn
-            flat = None
-            if torch.isfinite(meta_loss):
-                grads = torch.autograd.grad(meta_loss, self.params, materialize_grads=True)
-                flat = torch.cat([g.reshape(-1) for g in grads])
-            if flat is None or not bool(torch.isfinite(flat).all()):
-                local["dropped_tasks"] += 1
+        results = unroll_together(runs, self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps)
+        finite = [(meta_loss, info) for meta_loss, info in results if torch.isfinite(meta_loss)]
+        for _, info in results:
+            local["inner_steps"] += info["steps"]
+        for (meta_loss, info), flat in zip(finite, self._meta_gradients([m for m, _ in finite])):
+            if flat is None:
                 continue
             grad_sum += flat
             local["finite_tasks"] += 1
             local["meta_loss"] += meta_loss.item()
             local["inner_loss"] += info["losses"].mean().item()
+        local["dropped_tasks"] += len(results) - local["finite_tasks"]
         # One all-reduce carries the gradient sum and the statistics of every rank.
         packet = self.group.all_reduce_sum(torch.cat([grad_sum, grad_sum.new_tensor(list(local.values()))]))
         grad_sum = packet[: grad_sum.numel()]

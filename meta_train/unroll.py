@@ -25,8 +25,7 @@ from nfopt.optim.features import FeatureConfig, init_state
 from nfopt.labelling import label_model
 from nfopt.optim.rule import LearnedUpdate
 from nfopt.labelling.monomial import label_monomial
-from nfopt.weight_space import MonomialSpec
-from nfopt.weight_space import WeightSpaceSpec
+from nfopt.weight_space import MonomialSpec, WeightSpaceSpec, batch
 
 from .tasks import Task, TaskConfig
 
@@ -116,31 +115,9 @@ class InnerRun:
         the rule's steps change later gradients: cheaper, biased); otherwise the graph of each
         inner gradient is kept (``create_graph``) and the meta-gradient is exact for the
         truncation. ``info`` holds ``losses`` (the detached inner losses of the unroll, a 1-d
-        tensor) and ``steps``.
+        tensor) and ``steps``. :func:`unroll_together` does this for several runs at once.
         """
-        if self.done:
-            raise RuntimeError(f"this run is done (step {self.step} of {self.horizon}, diverged={self.diverged})")
-        n = min(length, self.horizon - self.step)
-        params, states, grads, buffers = self.params, self.states, self.grads, self.buffers
-        spec = task_spec(self.task, rule.config.sign_flips)
-        losses = []
-        for _ in range(n):
-            params, states, _ = rule(spec, params, grads, states)
-            x, y = self.task.sample_batch(self.data_generator)
-            loss, buffers = self.task.loss(dict(zip(self.names, params)), buffers, x, y)
-            grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=not first_order)
-            losses.append(loss)
-        inner = torch.stack(losses)
-        meta_loss = torch.log(inner + eps).mean()
-        self.params = [p.detach() for p in params]
-        self.states = [{k: v.detach() for k, v in s.items()} for s in states]
-        self.grads = [g.detach() for g in grads]
-        self.buffers = {k: b.detach() for k, b in buffers.items()}
-        inner = inner.detach()
-        self.loss = inner[-1]
-        self.step += n
-        self.diverged = not bool(torch.isfinite(self.loss))
-        return meta_loss, {"losses": inner, "steps": n}
+        return unroll_together([self], rule, length, first_order, eps)[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly, as tensors and plain values (CPU)."""
@@ -172,3 +149,64 @@ class InnerRun:
             generator,
             state["diverged"],
         )
+
+
+def unroll_together(
+    runs: list[InnerRun], rule: LearnedUpdate, length: int, first_order: bool, eps: float = LOSS_EPS
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """:meth:`InnerRun.unroll` of every run, their steps taken by one rule call per inner step on
+    the batch of their weight spaces (:func:`nfopt.weight_space.batch`: what the rule computes
+    for each is what it computes for it alone, so the runs stay independent; a run that reaches
+    its horizon drops out of the later calls). One call's fixed cost serves them all."""
+    for run in runs:
+        if run.done:
+            raise RuntimeError(f"this run is done (step {run.step} of {run.horizon}, diverged={run.diverged})")
+    steps = [min(length, run.horizon - run.step) for run in runs]
+    specs = [task_spec(run.task, rule.config.sign_flips) for run in runs]
+    params, states = [run.params for run in runs], [run.states for run in runs]
+    grads, buffers = [run.grads for run in runs], [run.buffers for run in runs]
+    losses: list[list[torch.Tensor]] = [[] for _ in runs]
+    for t in range(max(steps)):
+        active = [k for k, n in enumerate(steps) if t < n]
+        spec = specs[active[0]] if len(active) == 1 else _batched(tuple(specs[k] for k in active))
+        new_params, new_states, _ = rule(
+            spec, [p for k in active for p in params[k]], [g for k in active for g in grads[k]],
+            [s for k in active for s in states[k]],
+        )
+        start = 0
+        for k in active:
+            n = len(params[k])
+            params[k], states[k] = new_params[start : start + n], new_states[start : start + n]
+            start += n
+            run = runs[k]
+            x, y = run.task.sample_batch(run.data_generator)
+            loss, buffers[k] = run.task.loss(dict(zip(run.names, params[k])), buffers[k], x, y)
+            grads[k] = torch.autograd.grad(loss, params[k], retain_graph=True, create_graph=not first_order)
+            losses[k].append(loss)
+    out = []
+    for k, run in enumerate(runs):
+        inner = torch.stack(losses[k])
+        meta_loss = torch.log(inner + eps).mean()
+        run.params = [p.detach() for p in params[k]]
+        run.states = [{key: v.detach() for key, v in s.items()} for s in states[k]]
+        run.grads = [g.detach() for g in grads[k]]
+        run.buffers = {key: b.detach() for key, b in buffers[k].items()}
+        inner = inner.detach()
+        run.loss = inner[-1]
+        run.step += steps[k]
+        run.diverged = not bool(torch.isfinite(run.loss))
+        out.append((meta_loss, {"losses": inner, "steps": steps[k]}))
+    return out
+
+
+_BATCHES: dict[tuple[int, ...], WeightSpaceSpec | MonomialSpec] = {}
+
+
+def _batched(specs: tuple[WeightSpaceSpec | MonomialSpec, ...]) -> WeightSpaceSpec | MonomialSpec:
+    """One batch spec object per combination of task specs (which are made once per architecture),
+    so that the rule's per-spec plans are found at once."""
+    key = tuple(id(s) for s in specs)
+    spec = _BATCHES.get(key)
+    if spec is None:
+        spec = _BATCHES[key] = batch(specs)
+    return spec

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..weight_space import KINDS, MonomialSpec, WeightSpaceSpec
-from .plan import N_RELATIONS, SUBSET_SLOTS, BucketPlan, Neighbours, bucket_plan_for, from_canonical, to_canonical
+from .plan import N_RELATIONS, SUBSET_SLOTS, BucketPlan, Neighbours, bucket_plan_for, constant, from_canonical, to_canonical
 
 
 class Means(Protocol):
@@ -176,7 +176,13 @@ class NFLayer(nn.Module):
                 _scaled(p.mean(tuple(range(2, len(shape)))).reshape(shape[0], shape[1]), scales, b)
                 for b, (p, shape) in enumerate(zip(pooled, shapes))
             ])
-            g = means[index(plan.invariant_rows, means.device)].mean(0)
+            rows = means[index(plan.invariant_rows, means.device)]
+            if plan.invariant_components is None:
+                g = rows.mean(0)
+            else:  # a batch of weight spaces: each pools its own tensors
+                sums = rows.new_zeros(len(plan.component_counts), rows.shape[1])
+                g = sums.index_add(0, index(plan.invariant_components, rows.device), rows)
+                g = g / constant(plan.component_counts, rows)[:, None]
         targets = self._neighbours(plan, pooled, shapes, scales) if pooled is not None and plan.neighbours else None
         out = []
         for b, (bucket, shape) in enumerate(zip(plan.buckets, shapes)):
@@ -188,7 +194,7 @@ class NFLayer(nn.Module):
                 if self.context_channels:
                     const = const + contexts[b] @ self.E[k].T
                 if g is not None:
-                    const = const + self.G[k] @ g
+                    const = const + (self.G[k] @ g if g.dim() == 1 else g[index(bucket.components, g.device)] @ self.G[k].T)
             terms: list[torch.Tensor] = []
             if pooled is not None:
                 for axes, slot in p.subsets:

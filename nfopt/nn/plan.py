@@ -124,6 +124,7 @@ class Bucket:
     constant: bool  # whether the members take the per-tensor constant terms
     sources: tuple[int, ...]
     targets: tuple[int, ...]
+    components: tuple[int, ...] | None = None  # each member's weight space, in a batch of spaces
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: equal only to itself
@@ -159,6 +160,8 @@ class BucketPlan:
     order: tuple[int, ...]  # tensor indices in bucket order
     invariant_rows: tuple[int, ...]  # rows (in bucket order) of tensors that feed the global term
     neighbours: Neighbours | None
+    invariant_components: tuple[int, ...] | None = None  # in a batch of spaces: each row's space
+    component_counts: tuple[float, ...] | None = None  # invariant rows per space (at least 1)
 
 
 @lru_cache(maxsize=256)
@@ -192,7 +195,10 @@ def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
                 n_targets += len(m) * size
             else:
                 targets.append(-1)
-        buckets.append(Bucket(m, space.tensors[m[0]].shape, p, p.factor_group == "none", tuple(sources), tuple(targets)))
+        components = None if space.components is None else tuple(space.components[ti] for ti in m)
+        buckets.append(
+            Bucket(m, space.tensors[m[0]].shape, p, p.factor_group == "none", tuple(sources), tuple(targets), components)
+        )
     neighbours = None
     if n_targets:
         relations = sorted({r for p in plan.tensors for axis in p.neighbours for r, _ in axis})
@@ -217,7 +223,11 @@ def bucket_plan_for(spec: WeightSpaceSpec | MonomialSpec) -> BucketPlan:
         )
     invariant = set(plan.invariant)
     rows = tuple(row for row, ti in enumerate(order) if ti in invariant)
-    return BucketPlan(tuple(buckets), order, rows, neighbours)
+    if space.components is None:
+        return BucketPlan(tuple(buckets), order, rows, neighbours)
+    row_components = tuple(space.components[order[row]] for row in rows)
+    counts = tuple(float(max(row_components.count(c), 1)) for c in range(max(space.components) + 1))
+    return BucketPlan(tuple(buckets), order, rows, neighbours, row_components, counts)
 
 
 def to_canonical(x: torch.Tensor, p: TensorPlan, lead: int = 1) -> torch.Tensor:

@@ -4,7 +4,7 @@
 ``monomial``: sign flips and positive scalings of neurons on top of the permutations.
 """
 
-from .monomial import MonomialElement, MonomialSpec, as_monomial, default_exponents, sign_scale_invariants
+from .monomial import MonomialElement, MonomialSpec, as_monomial, batch, default_exponents, sign_scale_invariants
 from .spec import AXIS_TYPES, KINDS, MAX_LABELLED_AXES, Kind, Label, Permutation, TensorSpec, WeightSpaceSpec, inverse_permutation
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TensorSpec",
     "WeightSpaceSpec",
     "as_monomial",
+    "batch",
     "default_exponents",
     "inverse_permutation",
     "sign_scale_invariants",

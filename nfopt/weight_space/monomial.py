@@ -161,6 +161,16 @@ def as_monomial(spec: WeightSpaceSpec | MonomialSpec) -> MonomialSpec:
     return spec if isinstance(spec, MonomialSpec) else MonomialSpec(spec)
 
 
+def batch(specs: Sequence[WeightSpaceSpec | MonomialSpec]) -> WeightSpaceSpec | MonomialSpec:
+    """:meth:`WeightSpaceSpec.batch` for plain or monomial specs (a monomial one if any is)."""
+    space = WeightSpaceSpec.batch([as_monomial(s).space for s in specs])
+    if all(isinstance(s, WeightSpaceSpec) for s in specs):
+        return space
+    monos = [as_monomial(s) for s in specs]
+    symmetries = tuple(((k, label), symmetry) for k, m in enumerate(monos) for label, symmetry in m.symmetries)
+    return MonomialSpec(space, symmetries, tuple(e for m in monos for e in m.exponents))
+
+
 def sign_scale_invariants(
     spec: WeightSpaceSpec | MonomialSpec, xs: Sequence[torch.Tensor], leading: int = 1
 ) -> list[torch.Tensor]:

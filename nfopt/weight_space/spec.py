@@ -115,13 +115,22 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class WeightSpaceSpec:
-    """The labelled weight space of a list of tensors (in a fixed order)."""
+    """The labelled weight space of a list of tensors (in a fixed order).
+
+    ``components`` (one per tensor, or None for one space) marks tensors of independent weight
+    spaces side by side (:meth:`batch`): an NF-layer's global term pools within a component only.
+    """
 
     tensors: tuple[TensorSpec, ...]
+    components: tuple[int, ...] | None = None
     set_sizes: dict = field(init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
+        if self.components is not None:
+            object.__setattr__(self, "components", tuple(int(c) for c in self.components))
+            if len(self.components) != len(self.tensors):
+                raise ValueError(f"{len(self.components)} components for {len(self.tensors)} tensors")
         sizes: dict[Label, int] = {}
         owner: dict[Label, str] = {}
         for idx, t in enumerate(self.tensors):
@@ -139,7 +148,7 @@ class WeightSpaceSpec:
                 sizes.setdefault(label, n)
                 owner.setdefault(label, f"tensor {t.name or idx}")
         object.__setattr__(self, "set_sizes", sizes)
-        object.__setattr__(self, "_hash", hash(self.tensors))
+        object.__setattr__(self, "_hash", hash((self.tensors, self.components)))
 
     def __hash__(self) -> int:  # computed once: specs key caches on every optimizer step
         return self._hash
@@ -157,6 +166,21 @@ class WeightSpaceSpec:
         if len(names) != len(shapes):
             raise ValueError(f"{len(names)} names for {len(shapes)} tensors")
         return cls(tuple(TensorSpec.independent(s, n) for s, n in zip(shapes, names)))
+
+    @classmethod
+    def batch(cls, spaces: Sequence[WeightSpaceSpec]) -> WeightSpaceSpec:
+        """Independent weight spaces side by side, so that one NFN call serves them all: space
+        k's sets are renamed ``(k, set)`` (no set is shared between spaces) and its tensors are
+        component k (no global term pools across them). What an NFN computes on the batch is
+        what it computes on each space alone."""
+        tensors, components = [], []
+        for k, space in enumerate(spaces):
+            if space.components is not None:
+                raise ValueError("a batch of weight spaces cannot hold another batch")
+            for t in space.tensors:
+                tensors.append(TensorSpec(t.shape, tuple(None if a is None else (k, a) for a in t.axes), f"{k}.{t.name}"))
+                components.append(k)
+        return cls(tuple(tensors), tuple(components))
 
     @cached_property
     def set_members(self) -> dict[Label, tuple[tuple[int, int], ...]]:

@@ -55,11 +55,12 @@ def test_two_ranks_train_different_tasks_into_one_identical_rule(tmp_path):
     assert r1["state"] is None and len(ranks) == 2
     assert ranks[0]["runs"][0]["task"] != ranks[1]["runs"][0]["task"]
 
-    # One process holding both slots draws the same tasks and takes the same average...
+    # One process holding both slots draws the same tasks and takes the same average (to
+    # rounding: it unrolls the two tasks together, in batched operations)...
     both = run_single(CONFIG)
     assert [r.task.config.to_dict() for r in both.runs] == [ranks[0]["runs"][0]["task"], ranks[1]["runs"][0]["task"]]
     for k, v in both.rule.state_dict().items():
-        assert torch.equal(v, r0["rule"][k]), k
+        torch.testing.assert_close(v, r0["rule"][k], rtol=1e-5, atol=1e-6, msg=k)
     # ... and rank 1's tasks mattered: rank 0's slot alone gives another rule.
     alone = run_single(dataclasses.replace(CONFIG, tasks_per_step=1))
     assert any(not torch.equal(v, r0["rule"][k]) for k, v in alone.rule.state_dict().items())

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+
 import dataclasses
 
 import pytest
 import torch
 
+import meta_train.trainer as trainer_module
 from meta_train import checkpointing
 from meta_train.distributed import Group
 from meta_train.trainer import MetaConfig, MetaTrainer
-from meta_train.unroll import InnerRun
 
 
 SMALL = MetaConfig(tasks_per_step=2, unroll_length=2, horizon_min=4, horizon_max=6, meta_steps=4,
@@ -63,16 +64,13 @@ def test_a_slot_draws_a_new_task_when_the_horizon_ends():
 
 def poison(monkeypatch, slots: set[int]) -> None:
     """Make the meta-loss of the given slots' unrolls NaN (their inner training goes on)."""
-    unroll = InnerRun.unroll
-    calls = {"n": 0}
+    unroll = trainer_module.unroll_together
 
-    def patched(self, rule, length, first_order, eps):
-        meta_loss, info = unroll(self, rule, length, first_order, eps)
-        slot = calls["n"] % 2
-        calls["n"] += 1
-        return (meta_loss * float("nan") if slot in slots else meta_loss), info
+    def patched(runs, rule, length, first_order, eps):
+        results = unroll(runs, rule, length, first_order, eps)
+        return [(m * float("nan") if slot in slots else m, info) for slot, (m, info) in enumerate(results)]
 
-    monkeypatch.setattr(InnerRun, "unroll", patched)
+    monkeypatch.setattr(trainer_module, "unroll_together", patched)
 
 
 def test_a_non_finite_task_is_dropped_and_counted(monkeypatch):

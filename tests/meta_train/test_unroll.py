@@ -139,3 +139,25 @@ def test_second_order_meta_gradient_is_finite_where_gradients_are_exactly_zero()
     assert any((g == 0).any() for g in run.grads)
     _, grads = meta_grads(rule, run, 2, first_order=False)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_runs_unrolled_together_follow_their_own_trajectories() -> None:
+    """Runs of different tasks (and horizons: one ends inside the truncation) unrolled together
+    take the steps, losses and meta-gradients they take alone, to float32 rounding."""
+    from meta_train.unroll import unroll_together
+
+    rule = open_rule()
+    short = TaskConfig("teacher", "mlp", depth=2, width=16, activation="tanh", batch_size=32, horizon=3)
+    configs = [TEACHER, CNN_BN, short]
+    together, alone = [start(c, rule) for c in configs], [start(c, rule) for c in configs]
+    results = unroll_together(together, rule, 5, first_order=False)
+    for (meta_loss, info), run, twin in zip(results, together, alone):
+        twin_loss, twin_info = twin.unroll(rule, 5, first_order=False)
+        assert info["steps"] == twin_info["steps"] and run.step == twin.step
+        torch.testing.assert_close(info["losses"], twin_info["losses"], rtol=1e-5, atol=1e-6)
+        for p, q in zip(run.params, twin.params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for g, h in zip(torch.autograd.grad(meta_loss, list(rule.parameters()), retain_graph=True),
+                        torch.autograd.grad(twin_loss, list(rule.parameters()))):
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+    assert [r.step for r in together] == [5, 5, 3]

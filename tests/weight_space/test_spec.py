@@ -141,3 +141,17 @@ def test_permute_then_inverse_is_the_identity_and_a_wrong_inverse_is_not(name):
     assert not all(torch.equal(a, b) for a, b in zip(twice, xs))
     undone = spec.permute(spec.permute(xs, cycle, leading=1), inverse_permutation(cycle), leading=1)
     assert all(torch.equal(a, b) for a, b in zip(undone, xs))
+
+
+def test_a_batch_renames_sets_apart_and_marks_components() -> None:
+    a = WeightSpaceSpec((TensorSpec((3, 2), ("h", "x"), "w"), TensorSpec((3,), ("h",), "b")))
+    b = WeightSpaceSpec((TensorSpec((4, 2), ("h", "x"), "w"),))
+    both = WeightSpaceSpec.batch([a, b])
+    assert both.components == (0, 0, 1)
+    assert [t.axes for t in both.tensors] == [((0, "h"), (0, "x")), ((0, "h"),), ((1, "h"), (1, "x"))]
+    assert both.set_sizes[(0, "h")] == 3 and both.set_sizes[(1, "h")] == 4  # "h" is two sets now
+    assert both != WeightSpaceSpec(both.tensors) and hash(both) != hash(WeightSpaceSpec(both.tensors))
+    with pytest.raises(ValueError, match="cannot hold another batch"):
+        WeightSpaceSpec.batch([both])
+    with pytest.raises(ValueError, match="2 components for 3 tensors"):
+        WeightSpaceSpec(both.tensors, (0, 1))
