@@ -145,8 +145,7 @@ class LearnedUpdate(nn.Module):
         first = self.nfn.layers[0]
         widths = [first.in_channels] + [layer.out_channels for layer in self.nfn.layers]
         momenta = len(self.config.features.momentum_decays)
-        alpha, beta, gamma = self.scalars()
-        scalars = (alpha, float(beta / self.config.max_deviation), float(gamma))
+        scalars = None  # for the compiled loop, as numbers (reading them waits for the device)
         passes: list[_EagerPasses | FusedPasses] = []
         firsts, contexts, scales = [], [], []
         for b, (bucket, act) in enumerate(zip(plan.buckets, self.nfn.activations(plan))):
@@ -155,6 +154,9 @@ class LearnedUpdate(nn.Module):
             rates = ([lrs[i] for i in m], [weight_decays[i] for i in m])
             entry = fused_library(params[m[0]].dtype) if FusedPasses.accepts(bucket, *members, widths, momenta, act) else None
             if entry is not None:
+                if scalars is None:
+                    alpha, beta, gamma = self.scalars()
+                    scalars = (alpha, float(beta / self.config.max_deviation), float(gamma))
                 p = FusedPasses(entry, self, scalars, bucket, *members, *rates, widths, act)
             else:
                 p = _EagerPasses(self, bucket, *members, *rates, act)
