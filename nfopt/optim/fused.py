@@ -189,6 +189,13 @@ def _strides(t: torch.Tensor) -> list[int]:
     return dims[:2] + [0] * (NDIM + 2 - t.dim()) + dims[2:]
 
 
+def _per_member(values: Sequence[float | torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-member rates as a (B,) tensor: one op where they are plain numbers."""
+    if all(isinstance(v, (int, float)) for v in values):
+        return torch.tensor(values, dtype=dtype)
+    return torch.stack([torch.as_tensor(v, dtype=dtype) for v in values])
+
+
 class KnownMeans:
     """Means already computed, keyed by the dims they average over (see :class:`~nfopt.nn.layer.Means`)."""
 
@@ -379,7 +386,7 @@ class FusedPasses:
         the PyTorch path computes them, so that both agree to the last bit here)."""
         dtype = ok.dtype
         bc1, bc2 = bias_corrections(torch.stack([st["step"] for st in self.states]) + ok, self.rule.config.features)
-        lr, wd = (torch.stack([torch.as_tensor(v, dtype=dtype) for v in values]) for values in (self.lrs, self.weight_decays))
+        lr, wd = (_per_member(values, dtype) for values in (self.lrs, self.weight_decays))
         self._member = torch.stack([ok, bc1, bc2, (lr * ok) * self.scalars[0], wd], 1).to(torch.float64)
         self._ws.base.member = self._member.data_ptr()
 

@@ -480,12 +480,13 @@ class NFNOptimizer(Optimizer):
         dtype = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         rule = self._rule_for(params[0].device, dtype)
         spec = self.spec_for(params)
-        work = [p.to(dtype) for p in params]
+        work = [p if p.dtype == dtype else p.to(dtype) for p in params]
         alpha = self._learned_alpha(rule)
         multipliers = [lr / alpha for lr in lrs]  # the rule scales its step by α times these
         # statistics kept in another dtype (a float64 parameter beside float32 ones) step as copies
         work_states = [s if s["v"].dtype == dtype else {k: s[k].to(dtype) for k in _STATS} for s in states]
-        oks = rule.step_(spec, work, [g.to(dtype) for g in grads], work_states, multipliers, wds)
+        grads = [g if g.dtype == dtype else g.to(dtype) for g in grads]
+        oks = rule.step_(spec, work, grads, work_states, multipliers, wds)
         for s, w in zip(states, work_states):
             if w is not s:
                 for k in _STATS:
