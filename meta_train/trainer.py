@@ -213,13 +213,13 @@ class MetaTrainer:
         self.runs[i] = run
         return run, drawn
 
-    def _meta_gradients(self, meta_losses: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Flat meta-gradients whose sum is that of the (finite) meta-losses, one per loss and None
-        for a loss whose gradient is not finite. The runs were unrolled together, so one backward
-        pass of the losses' sum serves them all (returned as the first's, zeros for the others);
-        only where that gradient is not finite is each taken alone, to drop the ones at fault."""
+    def _meta_gradient(self, meta_losses: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[bool]]:
+        """The flat meta-gradient summed over the (finite) meta-losses whose gradients are finite,
+        and which those are. The runs were unrolled together, so one backward pass of the losses'
+        sum serves them all; only where that gradient is not finite is each taken alone, to drop
+        the ones at fault."""
         if not meta_losses:
-            return []
+            return None, []
 
         def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
             grads = torch.autograd.grad(loss, self.params, materialize_grads=True, retain_graph=retain)
@@ -228,9 +228,13 @@ class MetaTrainer:
         several = len(meta_losses) > 1
         total = flat(sum(meta_losses), retain=several)
         if bool(torch.isfinite(total).all()):
-            return [total] + [torch.zeros_like(total)] * (len(meta_losses) - 1)
-        alone = [flat(m, retain=True) for m in meta_losses] if several else [total]
-        return [g if bool(torch.isfinite(g).all()) else None for g in alone]
+            return total, [True] * len(meta_losses)
+        if not several:
+            return None, [False]
+        alone = [flat(m, retain=True) for m in meta_losses]
+        kept = [bool(torch.isfinite(g).all()) for g in alone]
+        grads = [g for g, k in zip(alone, kept) if k]
+        return (torch.stack(grads).sum(0) if grads else None), kept
 
     def meta_step(self) -> dict[str, float]:
         """One truncation of every slot and one meta-update; returns this step's statistics (all ranks).
@@ -253,13 +257,14 @@ class MetaTrainer:
         finite = [(meta_loss, info) for meta_loss, info in results if torch.isfinite(meta_loss)]
         for _, info in results:
             local["inner_steps"] += info["steps"]
-        for (meta_loss, info), flat in zip(finite, self._meta_gradients([m for m, _ in finite])):
-            if flat is None:
-                continue
+        flat, kept = self._meta_gradient([m for m, _ in finite])
+        if flat is not None:
             grad_sum += flat
-            local["finite_tasks"] += 1
-            local["meta_loss"] += meta_loss.item()
-            local["inner_loss"] += info["losses"].mean().item()
+        for (meta_loss, info), k in zip(finite, kept):
+            if k:
+                local["finite_tasks"] += 1
+                local["meta_loss"] += meta_loss.item()
+                local["inner_loss"] += info["losses"].mean().item()
         local["dropped_tasks"] += len(results) - local["finite_tasks"]
         # One all-reduce carries the gradient sum and the statistics of every rank.
         packet = self.group.all_reduce_sum(torch.cat([grad_sum, grad_sum.new_tensor(list(local.values()))]))

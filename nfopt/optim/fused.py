@@ -381,35 +381,33 @@ class FusedPasses:
             raise MemoryError("the fused step ran out of memory for its sums")
         return code
 
-    def _members(self, ok: torch.Tensor) -> None:
-        """The per-member scalars of this step: flag, bias corrections, rate, weight decay (as
-        the PyTorch path computes them, so that both agree to the last bit here)."""
-        dtype = ok.dtype
-        bc1, bc2 = bias_corrections(torch.stack([st["step"] for st in self.states]) + ok, self.rule.config.features)
-        lr, wd = (_per_member(values, dtype) for values in (self.lrs, self.weight_decays))
+    def _members(self, step: torch.Tensor, ok: torch.Tensor) -> None:
+        """The per-member scalars of this step (``step``: the new step counters): flag, bias
+        corrections, rate, weight decay (as the PyTorch path computes them, so that both agree to
+        the last bit here)."""
+        bc1, bc2 = bias_corrections(step, self.rule.config.features)
+        lr, wd = (_per_member(values, ok.dtype) for values in (self.lrs, self.weight_decays))
         self._member = torch.stack([ok, bc1, bc2, (lr * ok) * self.scalars[0], wd], 1).to(torch.float64)
         self._ws.base.member = self._member.data_ptr()
 
     def statistics(self, dims: Sequence[tuple[int, ...]]) -> tuple[KnownMeans, torch.Tensor, torch.Tensor]:
         """The means over ``dims`` of the features, and the members' context and scales; the
         step counters advance (the statistics are written by :meth:`finish`)."""
-        ws, cfg = self._ws, self.rule.config.features
-        _, beta_over_bound, gamma = self.scalars
-        ws.base.beta_over_bound, ws.base.gamma = beta_over_bound, gamma
-        self._members(torch.ones(len(self.states), dtype=ws.dtype))
-        s, means = ws.prepared(0, dims)
-        s.member, s.beta_over_bound, s.gamma = ws.base.member, beta_over_bound, gamma
-        code = self._run(s)
-        self.ok = ws.finite.clone()
-        if code == 2:  # a non-finite gradient: that member is held still, the others' means taken again
-            self._members(self.ok)
-            s.member = ws.base.member
-            self._run(s)
-        steps = [st["step"] for st in self.states]
-        torch._foreach_add_(steps, 1.0) if code == 0 else torch._foreach_add_(steps, list(self.ok.unbind(0)))
-        step = torch.stack(steps)
+        ws = self._ws
+        _, ws.base.beta_over_bound, ws.base.gamma = self.scalars
+        counters = [st["step"] for st in self.states]
+        before = torch.stack(counters)
+        ok = torch.ones(len(counters), dtype=ws.dtype)
+        self._members(before + ok, ok)
+        s, means = self._prepared(0, dims)
+        if self._run(s) == 2:  # a non-finite gradient: that member is held still, the others' means taken again
+            ok = ws.finite.clone()
+            self._members(before + ok, ok)
+            self._run(self._prepared(0, dims)[0])
+        self.ok, step = ok, before + ok
+        torch._foreach_copy_(counters, list(step.unbind(0)))
         inv = ws.inverse_rms.clone()
-        return KnownMeans(means.complete()), context(step, inv, cfg), inv
+        return KnownMeans(means.complete()), context(step, inv, self.rule.config.features), inv
 
     def means(self, parts: Sequence[Terms], dims: Sequence[tuple[int, ...]]) -> KnownMeans:
         s, means = self._prepared(len(parts), dims)
