@@ -168,21 +168,20 @@ typedef struct {
     REAL *sums[MAX_ACC]; /* null for sums that the lanes do not index */
 } Partial;
 
-/* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum (a sum over
- * the block's lanes is taken once per channel, whatever the number of sums that need it). */
+/* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum. Sums that the
+ * lanes do not index take the block's totals into `totals` (the row's, per channel), added to
+ * the thread's buffers once at the row's end by add_totals: the threads' buffers share cache
+ * lines, which per-block writes would keep moving between cores. */
 static void accumulate(const Pass *s, Partial *part, const Block *restrict h, int64_t channels, int64_t len,
-                       const int64_t *at, int64_t k0, int64_t thread, REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
-    REAL totals[MAX_CHANNELS];
+                       const int64_t *at, int64_t k0, double *restrict totals, REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
     int have_totals = 0;
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
         const int how = along(s, st);
         if (how == ALONG_NONE) {
-            double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
             if (!have_totals)
-                for (int64_t c = 0; c < channels; c++) totals[c] = total(h[c], len);
+                for (int64_t c = 0; c < channels; c++) totals[c] += total(h[c], len);
             have_totals = 1;
-            for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
             continue;
         }
         if (how == ALONG_PERIODIC) { /* summed by position in the period; folded at the row's end */
@@ -204,6 +203,17 @@ static void accumulate(const Pass *s, Partial *part, const Block *restrict h, in
             else
                 for (int64_t k = 0; k < len; k++) row[k] += h[c][k];
         }
+    }
+}
+
+/* A row's totals (see accumulate), added to the thread's buffers of the sums that the lanes do
+ * not index. */
+static void add_totals(const Pass *s, const double *totals, int64_t channels, const int64_t *at, int64_t thread) {
+    for (int64_t t = 0; t < s->n_acc; t++) {
+        const int64_t *st = s->acc_stride[t];
+        if (along(s, st) != ALONG_NONE) continue;
+        double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
+        for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
     }
 }
 
@@ -477,7 +487,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];
     for (int64_t k = 0; k < BLOCK; k++) index[k] = (int32_t)(k * ls);
-    double gsum = 0;
+    double gsum = 0, totals[MAX_CHANNELS] = {0}, sumsq[MAX_CHANNELS] = {0};
     LayerRow layers[MAX_LAYERS];
     for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l], s->merged ? w->pattern[l] : NULL);
     for (int64_t k0 = 0; k0 < n_lane; k0 += BLOCK) {
@@ -505,13 +515,12 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
         if (s->mode == 0) {
-            double *sumsq = s->sumsq + (thread * B + b) * C0;
             for (int64_t c = 0; c < C0; c++) {
                 Block sq;
                 for (int64_t k = 0; k < BLOCK; k++) sq[k] = x[c][k] * x[c][k];
                 sumsq[c] += total(sq, len);
             }
-            accumulate(s, part, (const Block *)x, C0, len, at, k0, thread, w->fold);
+            accumulate(s, part, (const Block *)x, C0, len, at, k0, totals, w->fold);
             continue;
         }
         /* layers, up to the one this pass needs */
@@ -522,7 +531,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
             in = (const Block *)out;
         }
         if (!last) {
-            accumulate(s, part, in, s->width[s->mode], len, at, k0, thread, w->fold);
+            accumulate(s, part, in, s->width[s->mode], len, at, k0, totals, w->fold);
             continue;
         }
         /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
@@ -542,8 +551,13 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
         store(V + e, v, len, ls, index);
     }
-    if (s->mode == 0) s->gsum[thread * B + b] += gsum;
-    if (s->merged && !last) fold_row(s, part, s->width[s->mode], at, w->fold);
+    if (last) return;
+    add_totals(s, totals, s->width[s->mode], at, thread);
+    if (s->mode == 0) {
+        s->gsum[thread * B + b] += gsum;
+        for (int64_t c = 0; c < C0; c++) s->sumsq[(thread * B + b) * C0 + c] += sumsq[c];
+    }
+    if (s->merged) fold_row(s, part, s->width[s->mode], at, w->fold);
 }
 
 /* Sum the threads' buffers into the first, in thread order (the same result for any schedule). */
