@@ -75,8 +75,10 @@ static inline float tanh_f(float x) {
 #define MAX_TERMS 8
 #define MAX_ACC 8
 #define MAX_MOMENTA 8
-#define BLOCK 64
-#define PERIODIC (BLOCK + 16) /* a block's lanes at any phase of a period of at most 16 */
+#ifndef BLOCK
+#define BLOCK 128
+#endif
+#define MAX_PERIOD 16 /* merged lanes: the longest last dim */
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_TANH = 3 };
 
@@ -114,22 +116,23 @@ typedef struct {
 
 typedef REAL Block[BLOCK];
 
-/* x <- lerp(x, end, w) over a block, by torch.lerp's formula (one of two, chosen by w) so that
- * the results agree with it. */
-static inline void lerp(REAL *restrict x, const REAL *restrict end, REAL w) {
+/* out <- lerp(x, end, w) over a block, by torch.lerp's formula (one of two, chosen by w) so
+ * that the results agree with it. */
+static inline void lerp(REAL *restrict out, const REAL *restrict x, const REAL *restrict end, REAL w) {
     if (w < (REAL)0.5) {
-        for (int64_t k = 0; k < BLOCK; k++) x[k] = x[k] + w * (end[k] - x[k]);
+        for (int64_t k = 0; k < BLOCK; k++) out[k] = x[k] + w * (end[k] - x[k]);
     } else {
         const REAL rest = (REAL)1 - w;
-        for (int64_t k = 0; k < BLOCK; k++) x[k] = end[k] - (end[k] - x[k]) * rest;
+        for (int64_t k = 0; k < BLOCK; k++) out[k] = end[k] - (end[k] - x[k]) * rest;
     }
 }
 
 static inline REAL sign(REAL x) { return (REAL)((x > 0) - (x < 0)); }
 
 /* Every loop over a block runs over all BLOCK lanes (a constant trip count vectorizes without
- * remainder code); lanes past a row's end hold zeros or what they make, and are never stored
- * or summed. */
+ * remainder code), but for the layers' channel mixing (most of the work), which stops at the
+ * vector that holds a row's last lane; lanes past a row's end hold zeros or what they make (or
+ * made in an earlier block), and are never stored or summed. */
 
 /* Where a row at canonical index at = (member, d0..d3) (0 along the lane dim) starts in a
  * broadcast tensor with these strides. */
@@ -156,6 +159,7 @@ static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, 
 #pragma omp simd reduction(+ : t)
         for (int64_t k = 0; k < BLOCK; k++) t += h[k];
     } else {
+#pragma omp simd reduction(+ : t)
         for (int64_t k = 0; k < len; k++) t += h[k];
     }
     return t;
@@ -166,35 +170,48 @@ static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, 
 #define FLUSH_ROWS 32
 typedef struct {
     REAL *sums[MAX_ACC]; /* null for sums that the lanes do not index */
+    int64_t lo[MAX_ACC], hi[MAX_ACC]; /* the rows' offsets in channel 0 touched since the last flush */
 } Partial;
 
-/* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum. Sums that the
- * lanes do not index take the block's totals into `totals` (the row's, per channel), added to
- * the thread's buffers once at the row's end by add_totals: the threads' buffers share cache
- * lines, which per-block writes would keep moving between cores. */
-static void accumulate(const Pass *s, Partial *part, const Block *restrict h, int64_t channels, int64_t len,
-                       const int64_t *at, int64_t k0, double *restrict totals, REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
-    int have_totals = 0;
+/* Note that a row at `at` touched its run of `length` sums (per channel) in sum t. */
+static inline void touched(const Pass *s, Partial *part, int64_t t, const int64_t *at, int64_t length) {
+    const int64_t start = offset(at, s->acc_stride[t]);
+    if (start < part->lo[t]) part->lo[t] = start;
+    if (start + length > part->hi[t]) part->hi[t] = start + length;
+}
+
+/* Whether a pass has sums by position in the period (merged lanes only). */
+static int periodic_sums(const Pass *s) {
+    for (int64_t t = 0; t < s->n_acc; t++)
+        if (along(s, s->acc_stride[t]) == ALONG_PERIODIC) return 1;
+    return 0;
+}
+
+/* Add channels h[c][0..len) of the block at k0 of the row at `at` to every sum. Sums by
+ * position in the period share one sum by lane per channel (`fold`; blocks start at a period's
+ * start), folded at the row's end (fold_row). Sums that the lanes do not index take the row's
+ * totals per channel (`totals`: from the folded period where there is one, else the blocks'),
+ * added to the thread's buffers once at the row's end (end_row): the threads' buffers share
+ * cache lines, which per-block writes would keep moving between cores. */
+static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64_t channels, int64_t len,
+                       const int64_t *at, int64_t k0, int periodic, double *restrict totals, REAL (*fold)[BLOCK]) {
+    int have_totals = periodic;
+    if (periodic)
+        for (int64_t c = 0; c < channels; c++) {
+            REAL *restrict q = fold[c];
+            if (len == BLOCK - BLOCK % s->n[3])
+                for (int64_t k = 0; k < BLOCK; k++) q[k] += h[c][k]; /* lanes past len: never folded */
+            else
+                for (int64_t k = 0; k < len; k++) q[k] += h[c][k];
+        }
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
         const int how = along(s, st);
-        if (how == ALONG_NONE) {
-            if (!have_totals)
-                for (int64_t c = 0; c < channels; c++) totals[c] += total(h[c], len);
+        if (how == ALONG_NONE && !have_totals) {
+            for (int64_t c = 0; c < channels; c++) totals[c] += total(h[c], len);
             have_totals = 1;
-            continue;
         }
-        if (how == ALONG_PERIODIC) { /* summed by position in the period; folded at the row's end */
-            const int64_t start = k0 % s->n[3];
-            for (int64_t c = 0; c < channels; c++) {
-                REAL *restrict q = fold[t][c] + start;
-                if (len == BLOCK)
-                    for (int64_t k = 0; k < BLOCK; k++) q[k] += h[c][k];
-                else
-                    for (int64_t k = 0; k < len; k++) q[k] += h[c][k];
-            }
-            continue;
-        }
+        if (how != ALONG_FLAT) continue;
         REAL *base = part->sums[t] + offset(at, st) + k0;
         for (int64_t c = 0; c < channels; c++) {
             REAL *restrict row = base + c * st[1];
@@ -206,42 +223,63 @@ static void accumulate(const Pass *s, Partial *part, const Block *restrict h, in
     }
 }
 
-/* A row's totals (see accumulate), added to the thread's buffers of the sums that the lanes do
- * not index. */
-static void add_totals(const Pass *s, const double *totals, int64_t channels, const int64_t *at, int64_t thread) {
+/* A row's periodic sums by lane (a whole number of periods) halved in place until one period is
+ * left, added to every sum by position in the period and (their total) to the row's totals, and
+ * cleared. */
+static void fold_row(const Pass *s, Partial *part, int64_t channels, const int64_t *at, int64_t blen,
+                     double *restrict totals, REAL (*fold)[BLOCK]) {
+    const int64_t n3 = s->n[3];
+    for (int64_t c = 0; c < channels; c++) {
+        REAL *restrict q = fold[c];
+        for (int64_t periods = blen / n3; periods > 1;) {
+            const int64_t half = periods / 2, kept = periods - half;
+            for (int64_t k = 0; k < half * n3; k++) q[k] += q[kept * n3 + k];
+            periods = kept;
+        }
+        for (int64_t t = 0; t < s->n_acc; t++) {
+            const int64_t *st = s->acc_stride[t];
+            if (along(s, st) != ALONG_PERIODIC) continue;
+            REAL *out = part->sums[t] + offset(at, st) + c * st[1];
+            for (int64_t d = 0; d < n3; d++) out[d] += q[d];
+        }
+        totals[c] += total(q, n3);
+        memset(q, 0, sizeof(REAL) * BLOCK);
+    }
+}
+
+/* A row's end: its totals added to the thread's buffers of the sums that the lanes do not
+ * index, and its runs of the others (n_lane lanes; a period) noted for the flush. */
+static void end_row(const Pass *s, Partial *part, const double *totals, int64_t channels, const int64_t *at,
+                    int64_t n_lane, int64_t thread) {
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
-        if (along(s, st) != ALONG_NONE) continue;
+        const int how = along(s, st);
+        if (how != ALONG_NONE) {
+            touched(s, part, t, at, how == ALONG_PERIODIC ? s->n[3] : n_lane);
+            continue;
+        }
         double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
         for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
     }
 }
 
-/* A row's periodic sums, folded into the thread's partial sums and cleared. */
-static void fold_row(const Pass *s, Partial *part, int64_t channels, const int64_t *at,
-                     REAL (*fold)[MAX_CHANNELS][PERIODIC]) {
-    const int64_t n3 = s->n[3];
-    for (int64_t t = 0; t < s->n_acc; t++) {
-        const int64_t *st = s->acc_stride[t];
-        if (along(s, st) != ALONG_PERIODIC) continue;
-        REAL *base = part->sums[t] + offset(at, st);
-        for (int64_t c = 0; c < channels; c++) {
-            REAL *q = fold[t][c], *out = base + c * st[1];
-            for (int64_t j0 = 0; j0 < BLOCK + n3; j0 += n3)
-                for (int64_t d = 0; d < n3 && j0 + d < PERIODIC; d++) out[d] += q[j0 + d];
-            memset(q, 0, sizeof(REAL) * PERIODIC);
-        }
-    }
-}
-
+/* The partial sums touched since the last flush (all of them: a flush costs what its rows
+ * touched, not the size of the sums), added to the thread's float64 sums and cleared. */
 static void flush(const Pass *s, Partial *part, int64_t thread) {
+    const int64_t channels = s->width[s->mode];
     for (int64_t t = 0; t < s->n_acc; t++) {
-        if (!part->sums[t]) continue;
+        if (!part->sums[t] || part->lo[t] >= part->hi[t]) continue;
         double *acc = s->acc[t] + thread * s->acc_size[t];
-        for (int64_t i = 0; i < s->acc_size[t]; i++) {
-            acc[i] += part->sums[t][i];
-            part->sums[t][i] = 0;
-        }
+        REAL *sums = part->sums[t];
+        const int64_t lo = part->lo[t], hi = part->hi[t], cs = s->acc_stride[t][1];
+        /* channel c's run is [lo, hi) + c * cs: one run where those overlap */
+        const int64_t runs = hi - lo > cs ? 1 : channels, end = hi - lo > cs ? hi + (channels - 1) * cs : hi;
+        for (int64_t c = 0; c < runs; c++)
+            for (int64_t i = lo + c * cs; i < end + c * cs; i++) {
+                acc[i] += sums[i];
+                sums[i] = 0;
+            }
+        part->lo[t] = INT64_MAX, part->hi[t] = 0;
     }
 }
 
@@ -261,7 +299,7 @@ static inline void load(REAL *restrict dst, const REAL *restrict src, int64_t le
         for (int64_t k = 0; k < len; k++) dst[k] = src[k];
     else
         for (int64_t k = 0; k < len; k++) dst[k] = src[k * stride];
-    for (int64_t k = len; k < BLOCK; k++) dst[k] = 0;
+    memset(dst + len, 0, sizeof(REAL) * (BLOCK - len));
 }
 
 static inline void store(REAL *restrict dst, const REAL *restrict src, int64_t len, int64_t stride,
@@ -321,10 +359,10 @@ typedef struct {
     REAL w[MAX_CHANNELS][MAX_CHANNELS]; /* [in][out] */
     REAL c0[MAX_CHANNELS];
     const REAL *rows[MAX_TERMS][MAX_CHANNELS];
-    int periodic[MAX_TERMS]; /* rows[t] is a period laid out PERIODIC long: read at k0 % n3 */
+    int periodic[MAX_TERMS]; /* rows[t] is its period repeated over a block */
 } LayerRow;
 
-static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr, REAL (*pattern)[MAX_CHANNELS][PERIODIC]) {
+static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr, REAL (*pattern)[MAX_CHANNELS][BLOCK]) {
     const int64_t c_in = s->width[l], c_out = s->width[l + 1], n3 = s->n[3];
     const int64_t group = c_out <= 2 ? 2 : (c_out <= 4 ? 4 : 8), padded = (c_out + group - 1) / group * group;
     const REAL *a = s->a[l] + at[0] * s->a_member_stride[l];
@@ -345,10 +383,12 @@ static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr,
         for (int64_t o = 0; o < padded; o++) {
             if (o >= c_out) {
                 lr->rows[r][o] = zeros;
-            } else if (how == ALONG_PERIODIC) { /* the period repeated over a block at any phase */
-                for (int64_t j0 = 0; j0 < PERIODIC; j0 += n3)
-                    for (int64_t d = 0; d < n3 && j0 + d < PERIODIC; d++) pattern[r][o][j0 + d] = term[o * st[1] + d];
-                lr->rows[r][o] = pattern[r][o];
+            } else if (how == ALONG_PERIODIC) { /* the period repeated over a block, by doubling */
+                REAL *q = pattern[r][o];
+                for (int64_t d = 0; d < n3; d++) q[d] = term[o * st[1] + d];
+                for (int64_t have = n3; have < BLOCK; have *= 2)
+                    memcpy(q + have, q, sizeof(REAL) * (have < BLOCK - have ? have : BLOCK - have));
+                lr->rows[r][o] = q;
             } else {
                 lr->rows[r][o] = term + o * st[1];
             }
@@ -361,13 +401,13 @@ static void layer_row(const Pass *s, int64_t l, const int64_t *at, LayerRow *lr,
  * stay in registers: independent chains of multiply-adds instead of one long one), and so is
  * the number of input channels where it is CI (those past c_in have zero weights). */
 static inline __attribute__((always_inline)) void mix(const int G, const int act, const int CI, const LayerRow *lr, int64_t o0,
-                                                      const REAL *rows[][MAX_CHANNELS], int64_t off,
-                                                      const Block *restrict in, Block *restrict out) {
-    for (int64_t kv = 0; kv < BLOCK; kv += VL) {
+                                                      const REAL *rows[][MAX_CHANNELS], int64_t span,
+                                                      const REAL *const *in, Block *restrict out) {
+    for (int64_t kv = 0; kv < span; kv += VL) {
         Vec y[8];
         for (int g = 0; g < G; g++) y[g] = (Vec){0} + lr->c0[o0 + g];
         for (int64_t t = 0; t < lr->n_rows; t++)
-            for (int g = 0; g < G; g++) y[g] += vload(rows[t][o0 + g] + off + kv);
+            for (int g = 0; g < G; g++) y[g] += vload(rows[t][o0 + g] + kv);
         const int64_t c_in = CI ? CI : lr->c_in;
         for (int64_t i = 0; i < c_in; i++) {
             const Vec x = vload(in[i] + kv);
@@ -382,25 +422,28 @@ static inline __attribute__((always_inline)) void mix(const int G, const int act
 
 #define MIX_ACT(G, CI)                                                               \
     switch (act) {                                                                   \
-    case ACT_RELU: mix(G, ACT_RELU, CI, lr, o0, rows, off, in, out); break;          \
-    case ACT_GELU: mix(G, ACT_GELU, CI, lr, o0, rows, off, in, out); break;          \
-    case ACT_TANH: mix(G, ACT_TANH, CI, lr, o0, rows, off, in, out); break;          \
-    default: mix(G, ACT_NONE, CI, lr, o0, rows, off, in, out); break;                \
+    case ACT_RELU: mix(G, ACT_RELU, CI, lr, o0, rows, span, in, out); break;          \
+    case ACT_GELU: mix(G, ACT_GELU, CI, lr, o0, rows, span, in, out); break;          \
+    case ACT_TANH: mix(G, ACT_TANH, CI, lr, o0, rows, span, in, out); break;          \
+    default: mix(G, ACT_NONE, CI, lr, o0, rows, span, in, out); break;                \
     }
 #define MIX(G)                 \
-    if (lr->c_in <= 8) {       \
+    if (lr->c_in == 7) {       \
+        MIX_ACT(G, 7)          \
+    } else if (lr->c_in <= 8) {\
         MIX_ACT(G, 8)          \
     } else {                   \
         MIX_ACT(G, 0)          \
     }
 
-/* One NF-layer on a block at k0 of a row: out = a·in + constant + broadcast terms, then the
- * activation. Output channels past c_out (up to a whole group) are written with junk. */
-static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict out, int64_t len, int64_t k0,
-                  int64_t n3, int64_t act) {
+/* One NF-layer on a block at k0 of a row of n_lane lanes: out = a·in + constant + broadcast
+ * terms, then the activation. Output channels past c_out (up to a whole group) are written with
+ * junk. */
+static void layer(const LayerRow *lr, const REAL *const *in, Block *restrict out, int64_t len, int64_t k0,
+                  int64_t n_lane, int64_t act) {
     const REAL *rows[MAX_TERMS][MAX_CHANNELS]; /* each varying term's lanes of this block */
     Block padded[MAX_TERMS][8];
-    const int64_t group = lr->group, off = 0;
+    const int64_t group = lr->group, span = (len + VL - 1) / VL * VL; /* lanes past it are never read */
     for (int64_t o0 = 0; o0 < lr->c_out; o0 += group) {
         for (int64_t t = 0; t < lr->n_rows; t++)
             for (int64_t g = 0; g < group; g++) {
@@ -408,8 +451,8 @@ static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict 
                 if (row == zeros)
                     rows[t][o0 + g] = zeros;
                 else if (lr->periodic[t])
-                    rows[t][o0 + g] = row + k0 % n3;
-                else if (len < BLOCK) { /* the row ends inside this block: read only up to there */
+                    rows[t][o0 + g] = row;
+                else if (k0 + span > n_lane) { /* the row ends inside this vector: read only up to there */
                     load(padded[t][g], row + k0, len, 1, NULL);
                     rows[t][o0 + g] = padded[t][g];
                 } else
@@ -437,8 +480,8 @@ static void layer(const LayerRow *lr, const Block *restrict in, Block *restrict 
  * are never written and must hold finite values. */
 typedef struct {
     Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
-    REAL (*fold)[MAX_CHANNELS][PERIODIC];                 /* merged lanes: periodic sums of a row */
-    REAL (*pattern)[MAX_TERMS][MAX_CHANNELS][PERIODIC];   /* merged lanes: periodic terms of a row */
+    REAL (*fold)[BLOCK];                               /* merged lanes: a row's sums by lane, per channel */
+    REAL (*pattern)[MAX_TERMS][MAX_CHANNELS][BLOCK];   /* merged lanes: periodic terms of a row */
 } Scratch;
 
 /* The calling thread's scratch, made on its first pass and kept (threads are a pool), cleared
@@ -450,10 +493,10 @@ static Scratch *thread_scratch(int64_t merged) {
     memset(scratch->h0, 0, sizeof scratch->h0);
     memset(scratch->h1, 0, sizeof scratch->h1);
     if (merged) {
-        if (!scratch->fold) scratch->fold = malloc(MAX_ACC * sizeof *scratch->fold);
+        if (!scratch->fold) scratch->fold = malloc(MAX_CHANNELS * sizeof *scratch->fold);
         if (!scratch->pattern) scratch->pattern = malloc(MAX_LAYERS * sizeof *scratch->pattern);
         if (!scratch->fold || !scratch->pattern) return NULL;
-        memset(scratch->fold, 0, MAX_ACC * sizeof *scratch->fold);
+        memset(scratch->fold, 0, MAX_CHANNELS * sizeof *scratch->fold);
     }
     return scratch;
 }
@@ -464,6 +507,8 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     const int64_t root = M + 2, dir = M + 3; /* channels: p, g, momenta, sqrt(v̂), u */
     const int last = s->mode == L;
     Block *x = w->x, *h0 = w->h0, *h1 = w->h1;
+    const REAL *hp[2][MAX_CHANNELS]; /* the layers' outputs as channel pointers */
+    for (int64_t c = 0; c < MAX_CHANNELS; c++) hp[0][c] = h0[c], hp[1][c] = h1[c];
     REAL *restrict v = w->v, *restrict u = w->u;
     const REAL fl = (REAL)s->sqrt_floor, eps = (REAL)s->eps;
     /* the row's member and index along every dim but the lane's; its offset in a member's data */
@@ -490,24 +535,39 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     double gsum = 0, totals[MAX_CHANNELS] = {0}, sumsq[MAX_CHANNELS] = {0};
     LayerRow layers[MAX_LAYERS];
     for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l], s->merged ? w->pattern[l] : NULL);
-    for (int64_t k0 = 0; k0 < n_lane; k0 += BLOCK) {
-        const int64_t len = n_lane - k0 < BLOCK ? n_lane - k0 : BLOCK, e = k0 * ls;
-        /* features: p, g, the new momenta, sqrt(v̂), u */
-        load(x[0], P + e, len, ls, index);
-        if (ok)
-            load(x[1], G + e, len, ls, index);
+    /* merged lanes: blocks of whole periods, so that every block starts at a period's start */
+    const int64_t blen = s->merged ? BLOCK / s->n[3] * s->n[3] : BLOCK;
+    const int periodic = s->merged && !last && periodic_sums(s);
+    for (int64_t k0 = 0; k0 < n_lane; k0 += blen) {
+        const int64_t len = n_lane - k0 < blen ? n_lane - k0 : blen, e = k0 * ls;
+        /* features: p, g, the new momenta, sqrt(v̂), u; p and g read where they are if they can
+           be (unit stride, a whole block inside the member's tensor: lanes past the row's end
+           then hold the next row's values, which are never stored or summed), else copied */
+        const int direct = ls == 1 && q + e + BLOCK <= numel;
+        const REAL *xin[MAX_CHANNELS];
+        for (int64_t c = 0; c < MAX_CHANNELS; c++) xin[c] = x[c];
+        Block from;
+        if (direct)
+            xin[0] = P + e;
         else
-            for (int64_t k = 0; k < BLOCK; k++) x[1][k] = 0;
-        if (s->mode == 0) gsum += total(x[1], len);
+            load(x[0], P + e, len, ls, index);
+        if (!ok)
+            memset(x[1], 0, sizeof(Block));
+        else if (direct)
+            xin[1] = G + e;
+        else
+            load(x[1], G + e, len, ls, index);
+        const REAL *restrict g = xin[1];
+        if (s->mode == 0) gsum += total(g, len);
         for (int64_t j = 0; j < M; j++) {
-            load(x[2 + j], Mm + j * numel + e, len, ls, index);
-            const REAL w = (REAL)s->rates[j] * ok_r;
-            lerp(x[2 + j], x[1], w);
+            const REAL *old = Mm + j * numel + e;
+            if (!direct) load(from, old, len, ls, index);
+            lerp(x[2 + j], direct ? old : from, g, (REAL)s->rates[j] * ok_r);
         }
-        load(v, V + e, len, ls, index);
+        if (!direct) load(from, V + e, len, ls, index);
         Block g2;
-        for (int64_t k = 0; k < BLOCK; k++) g2[k] = x[1][k] * x[1][k];
-        lerp(v, g2, v_rate);
+        for (int64_t k = 0; k < BLOCK; k++) g2[k] = g[k] * g[k];
+        lerp(v, direct ? V + e : from, g2, v_rate);
         for (int64_t k = 0; k < BLOCK; k++) {
             x[root][k] = SQRT(v[k] * inv_bc2 + fl);
             u[k] = x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
@@ -517,21 +577,20 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         if (s->mode == 0) {
             for (int64_t c = 0; c < C0; c++) {
                 Block sq;
-                for (int64_t k = 0; k < BLOCK; k++) sq[k] = x[c][k] * x[c][k];
+                for (int64_t k = 0; k < BLOCK; k++) sq[k] = xin[c][k] * xin[c][k];
                 sumsq[c] += total(sq, len);
             }
-            accumulate(s, part, (const Block *)x, C0, len, at, k0, totals, w->fold);
+            accumulate(s, part, xin, C0, len, at, k0, periodic, totals, w->fold);
             continue;
         }
         /* layers, up to the one this pass needs */
-        const Block *in = (const Block *)x;
+        const REAL *const *in = xin;
         for (int64_t l = 0; l < L && l < s->mode; l++) {
-            Block *out = (l % 2 == 0) ? h0 : h1;
-            layer(&layers[l], in, out, len, k0, s->n[3], l < L - 1 ? s->activation : ACT_NONE);
-            in = (const Block *)out;
+            layer(&layers[l], in, l % 2 == 0 ? h0 : h1, len, k0, n_lane, l < L - 1 ? s->activation : ACT_NONE);
+            in = hp[l % 2];
         }
         if (!last) {
-            accumulate(s, part, in, s->width[s->mode], len, at, k0, totals, w->fold);
+            accumulate(s, part, in, s->width[s->mode], len, at, k0, periodic, totals, w->fold);
             continue;
         }
         /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
@@ -545,19 +604,19 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
             REAL e = gamma * c;
             e = e < -limit ? -limit : (e > limit ? limit : e);
             const REAL step = (u[k] + bound * deviation) * EXP(e);
-            out[k] = (wd != 0 ? x[0][k] * keep : x[0][k]) + (-rate) * step;
+            out[k] = (wd != 0 ? xin[0][k] * keep : xin[0][k]) + (-rate) * step;
         }
         store(P + e, out, len, ls, index);
         for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
         store(V + e, v, len, ls, index);
     }
     if (last) return;
-    add_totals(s, totals, s->width[s->mode], at, thread);
+    if (periodic) fold_row(s, part, s->width[s->mode], at, blen, totals, w->fold);
+    end_row(s, part, totals, s->width[s->mode], at, n_lane, thread);
     if (s->mode == 0) {
         s->gsum[thread * B + b] += gsum;
         for (int64_t c = 0; c < C0; c++) s->sumsq[(thread * B + b) * C0 + c] += sumsq[c];
     }
-    if (s->merged) fold_row(s, part, s->width[s->mode], at, w->fold);
 }
 
 /* Sum the threads' buffers into the first, in thread order (the same result for any schedule). */
@@ -580,7 +639,7 @@ int ENTRY(const Pass *s) {
         memset(s->sumsq, 0, sizeof(double) * T * B * C0);
         memset(s->gsum, 0, sizeof(double) * T * B);
     }
-    if (s->lane < 0 || s->lane > 3 || (s->merged && (s->lane != 2 || s->n[3] > 16))) return 1;
+    if (s->lane < 0 || s->lane > 3 || (s->merged && (s->lane != 2 || s->n[3] > MAX_PERIOD))) return 1;
     const int64_t per_row = s->merged ? s->n[2] * s->n[3] : s->n[s->lane];
     const int64_t rows = per_row ? B * s->n[0] * s->n[1] * s->n[2] * s->n[3] / per_row : 0;
     for (int64_t t = 0; t < s->n_acc; t++)
@@ -593,6 +652,7 @@ int ENTRY(const Pass *s) {
     {
         const int64_t thread = omp_get_thread_num();
         Partial part = {{0}};
+        for (int64_t t = 0; t < MAX_ACC; t++) part.lo[t] = INT64_MAX;
         for (int64_t t = 0; t < s->n_acc; t++)
             if (along(s, s->acc_stride[t]) != ALONG_NONE) {
                 part.sums[t] = calloc(s->acc_size[t], sizeof(REAL));
