@@ -185,7 +185,7 @@ def _lane_contiguous(t: torch.Tensor, dim: int) -> torch.Tensor:
 def _strides(t: torch.Tensor) -> list[int]:
     """Element strides of a (B, C, *canonical) tensor over (member, channel, d0..d3) after
     padding the canonical dims in front; 0 along every broadcast (size-1) dim."""
-    dims = [t.stride(d) if t.shape[d] > 1 else 0 for d in range(t.dim())]
+    dims = [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]
     return dims[:2] + [0] * (NDIM + 2 - t.dim()) + dims[2:]
 
 

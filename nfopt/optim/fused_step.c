@@ -484,19 +484,19 @@ typedef struct {
     REAL (*pattern)[MAX_TERMS][MAX_CHANNELS][BLOCK];   /* merged lanes: periodic terms of a row */
 } Scratch;
 
-/* The calling thread's scratch, made on its first pass and kept (threads are a pool), cleared
- * for this pass; null where memory ran out. */
-static Scratch *thread_scratch(int64_t merged) {
+/* The calling thread's scratch, made on its first pass and kept (threads are a pool), its
+ * first `channels` blocks of each kind cleared for this pass (the periodic sums are cleared by
+ * every row that uses them); null where memory ran out. */
+static Scratch *thread_scratch(int64_t merged, int64_t channels) {
     static __thread Scratch *scratch;
     if (!scratch && !(scratch = calloc(1, sizeof(Scratch)))) return NULL;
-    memset(scratch->x, 0, sizeof scratch->x);
-    memset(scratch->h0, 0, sizeof scratch->h0);
-    memset(scratch->h1, 0, sizeof scratch->h1);
+    memset(scratch->x, 0, channels * sizeof(Block));
+    memset(scratch->h0, 0, channels * sizeof(Block));
+    memset(scratch->h1, 0, channels * sizeof(Block));
     if (merged) {
-        if (!scratch->fold) scratch->fold = malloc(MAX_CHANNELS * sizeof *scratch->fold);
+        if (!scratch->fold) scratch->fold = calloc(MAX_CHANNELS, sizeof *scratch->fold);
         if (!scratch->pattern) scratch->pattern = malloc(MAX_LAYERS * sizeof *scratch->pattern);
         if (!scratch->fold || !scratch->pattern) return NULL;
-        memset(scratch->fold, 0, MAX_CHANNELS * sizeof *scratch->fold);
     }
     return scratch;
 }
@@ -647,6 +647,9 @@ int ENTRY(const Pass *s) {
     for (int64_t l = 0; l < L; l++)
         for (int64_t t = 0; t < s->n_terms[l]; t++)
             if (along(s, s->term_stride[l][t]) == ALONG_OTHER) return 1;
+    int64_t readable = 8; /* blocks a layer may read: its inputs, padded to 8 */
+    for (int64_t l = 0; l <= L; l++)
+        if ((s->width[l] + 7) / 8 * 8 > readable) readable = (s->width[l] + 7) / 8 * 8;
     int failed = 0;
 #pragma omp parallel num_threads(T) if (T > 1) reduction(| : failed)
     {
@@ -658,7 +661,7 @@ int ENTRY(const Pass *s) {
                 part.sums[t] = calloc(s->acc_size[t], sizeof(REAL));
                 failed |= part.sums[t] == NULL;
             }
-        Scratch *scratch = thread_scratch(s->merged);
+        Scratch *scratch = thread_scratch(s->merged, readable);
         failed |= scratch == NULL;
         int64_t since = 0;
 #pragma omp for schedule(static)
