@@ -69,6 +69,17 @@ def unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+def _sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a shard of a larger tensor: a DTensor (FSDP2) or FSDP's flat parameter."""
+    if getattr(p, "_is_flat_param", False):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def _check_lr(lr: float | torch.Tensor) -> None:
     """A learning rate is a non-negative number or a one-element tensor (as torch.optim takes)."""
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -325,6 +336,13 @@ class NFNOptimizer(Optimizer):
                 )
             if not p.is_floating_point():
                 raise ValueError(f"NFNOptimizer needs floating-point parameters, got {p.dtype}")
+            if _sharded(p):
+                raise ValueError(
+                    "NFNOptimizer does not support sharded parameters (FSDP, DTensor): its update pools "
+                    "statistics over each whole tensor, which a shard does not see, so each rank would "
+                    "compute another function; use DistributedDataParallel, or FSDP with "
+                    "ShardingStrategy.NO_SHARD"
+                )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with a labelling, the new tensors get independent labels."""

@@ -192,13 +192,14 @@ def test_nonfinite_gradient_skips_that_tensor_and_warns_once():
     assert opt.state[model[2].weight]["nonfinite_skips"].item() == 2
 
 
-def test_bf16_parameters_keep_their_dtype_and_float32_state():
-    model = mlp(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_keep_their_dtype_and_float32_state(dtype):
+    model = mlp(dtype)
     opt = NFNOptimizer(model.parameters(), rule=open_rule())
     before = [p.clone() for p in model.parameters()]
     train(model, opt, 3)
     for p, q in zip(model.parameters(), before):
-        assert p.dtype == torch.bfloat16 and not torch.equal(p, q)
+        assert p.dtype == dtype and not torch.equal(p, q) and torch.isfinite(p).all()
         assert opt.state[p]["momenta"].dtype == torch.float32
 
 

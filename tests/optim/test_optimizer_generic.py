@@ -152,6 +152,30 @@ def test_for_model_reads_through_wrappers(tmp_path) -> None:
         dist.destroy_process_group()
 
 
+def test_sharded_parameters_are_refused(tmp_path) -> None:
+    """A shard (a DTensor, as FSDP2 makes; FSDP's flat parameter) is refused with the reason:
+    pooled statistics over a shard are not those over the tensor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    flat = nn.Parameter(torch.zeros(6))
+    flat._is_flat_param = True
+    with pytest.raises(ValueError, match="sharded parameters"):
+        NFNOptimizer([flat], rule=fresh_rule())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shard = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="sharded parameters"):
+            NFNOptimizer([shard], rule=fresh_rule())
+        opt = NFNOptimizer(mlp().parameters(), rule=fresh_rule())
+        with pytest.raises(ValueError, match="sharded parameters"):
+            opt.add_param_group({"params": [shard]})
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_skipped_gradient_on_a_device_is_told_at_state_dict(monkeypatch) -> None:
     """Where checking would wait for the device (here the CPU made to act as one), a skipped
     non-finite gradient warns at the next state_dict(), once; nothing is lost meanwhile."""
