@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from ..io import load_rule
 from ..labelling import ModelLabelling, MonomialLabelling, label_model, label_monomial
 from .features import FeatureConfig, init_state
-from .rule import LearnedUpdate
+from .rule import LearnedUpdate, reads_at_once
 from ..weight_space import MonomialSpec, TensorSpec, WeightSpaceSpec, as_monomial, default_exponents
 
 DEFAULT_CHECKPOINT = "default.nfopt"
@@ -52,9 +52,6 @@ def _statistics(cfg: FeatureConfig) -> tuple[tuple[float, ...], float]:
 
 _STATS = ("step", "momenta", "v")
 
-WARN_AT_ONCE = {"cpu"}
-"""Devices where the step checks for skipped non-finite gradients at once (elsewhere that would
-wait for the device: the check waits for the next :meth:`NFNOptimizer.state_dict`)."""
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -516,7 +513,7 @@ class NFNOptimizer(Optimizer):
         torch._foreach_add_([s["nonfinite_skips"] for s in states], list((1 - finite).to(torch.int64).unbind()))
         if not self._warned_nonfinite:
             skipped = finite.min() < 1
-            if params[0].device.type in WARN_AT_ONCE:
+            if reads_at_once(params[0].device):
                 self._warn_nonfinite(bool(skipped))
             else:  # asking would wait for the device: remembered there, told at the next state_dict()
                 self._nonfinite_seen = skipped if self._nonfinite_seen is None else self._nonfinite_seen | skipped

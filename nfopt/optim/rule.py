@@ -390,14 +390,24 @@ def _stacked_members(
     return stack(params), stack(grads), {k: stack([s[k] for s in states]) for k in _STATS}
 
 
+READ_AT_ONCE = {"cpu"}
+"""Devices whose tensors the step may read on the host (elsewhere a read waits for the device,
+so the step reads nothing there)."""
+
+
+def reads_at_once(device: torch.device) -> bool:
+    """Whether the step may read values of tensors on ``device`` on the host (see :data:`READ_AT_ONCE`)."""
+    return device.type in READ_AT_ONCE
+
+
 def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked gradients with non-finite members zeroed, and the flags (B,) of the finite ones.
 
-    One read finds them (inf and NaN survive a sum). On CPU, where asking costs no sync, the
-    zeroing copy is made only when some member needs it.
+    One read finds them (inf and NaN survive a sum). Where asking costs no wait (see
+    :func:`reads_at_once`), the zeroing copy is made only when some member needs it.
     """
     ok = torch.isfinite(g.reshape(g.shape[0], -1).sum(1)).to(g.dtype)
-    if g.device.type != "cpu" or not bool(ok.all()):
+    if not reads_at_once(g.device) or not bool(ok.all()):
         g = torch.where(per_member(ok, g) > 0, g, 0.0)
     return g, ok
 

@@ -12,9 +12,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nfopt import NFNOptimizer
 from nfopt.labelling import label_model
+from nfopt.optim import rule as rule_module
 
 from ..rules import fresh_rule, open_rule
 from .test_optimizer import mlp, train
@@ -179,9 +181,7 @@ def test_sharded_parameters_are_refused(tmp_path) -> None:
 def test_a_skipped_gradient_on_a_device_is_told_at_state_dict(monkeypatch) -> None:
     """Where checking would wait for the device (here the CPU made to act as one), a skipped
     non-finite gradient warns at the next state_dict(), once; nothing is lost meanwhile."""
-    from nfopt.optim import optimizer as optimizer_module
-
-    monkeypatch.setattr(optimizer_module, "WARN_AT_ONCE", set())
+    monkeypatch.setattr(rule_module, "READ_AT_ONCE", set())
     model = mlp()
     opt = NFNOptimizer(model.parameters(), rule=open_rule())
     for p in model.parameters():
@@ -197,6 +197,87 @@ def test_a_skipped_gradient_on_a_device_is_told_at_state_dict(monkeypatch) -> No
         warnings.simplefilter("error")
         opt.step()
         opt.state_dict()
+
+
+_HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "unique", "_unique2"}
+"""ATen ops that read a tensor's values on the host: on a GPU, each waits for the device."""
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops of :data:`_HOST_READS` dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in _HOST_READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("labels", ["bare", "for_model"])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_step_on_a_device_reads_nothing_on_the_host(monkeypatch, labels: str, chunk: int | None) -> None:
+    """What a GPU step runs (the PyTorch path, the CPU here made to act as a device) reads no
+    tensor value on the host, so it never waits for the device: with finite gradients and with
+    a non-finite one, whole and in chunks of rows. The CUDA test below checks the same on a GPU."""
+    monkeypatch.setattr(rule_module, "READ_AT_ONCE", set())
+    monkeypatch.setattr(rule_module, "fused_library", lambda dtype: None)
+    if chunk is not None:
+        monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
+    model = mlp()
+    opt = NFNOptimizer(model.parameters(), rule=open_rule()) if labels == "bare" else NFNOptimizer.for_model(model, rule=open_rule())
+    train(model, opt, 1)
+    for bad in (False, True):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        if bad:
+            model[2].weight.grad[0, 0] = float("nan")
+        with _HostReads() as mode:
+            opt.step()
+        assert mode.reads == [], mode.reads
+    monkeypatch.setattr(rule_module, "READ_AT_ONCE", {"cpu"})
+    with _HostReads() as mode:
+        opt.step()
+    assert mode.reads, "the counter sees reads where the step makes them"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_step_does_not_synchronize() -> None:
+    """After the first step (which makes the state), steps run without waiting for the device."""
+    model = mlp().cuda()
+    opt = NFNOptimizer(model.parameters(), rule=open_rule())
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(4)]
+    for p, g in zip(model.parameters(), grads[0]):
+        p.grad = g
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in grads[1:]:
+            for p, g in zip(model.parameters(), step):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_a_cuda_step_follows_the_cpu_step(dtype: torch.dtype) -> None:
+    """The same steps on CUDA and on the CPU (to float rounding: the CPU runs the compiled loop)."""
+    cpu, gpu = mlp(dtype), mlp(dtype).cuda()
+    opts = [NFNOptimizer(m.parameters(), rule=open_rule()) for m in (cpu, gpu)]
+    for i in range(3):
+        for m, opt in zip((cpu, gpu), opts):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=dtype).to(p.device)
+            opt.step()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=tol, atol=tol)
 
 
 def test_compiling_the_step_compiles_nothing() -> None:
