@@ -152,7 +152,8 @@ static inline int along(const Pass *s, const int64_t *st) {
     return ALONG_OTHER;
 }
 
-/* The sum of h[0..len), vectorized. */
+/* The sum of h[0..len) (h holds a whole block), vectorized: lanes past len are masked, not
+ * left to a scalar remainder loop. */
 static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, int64_t len) {
     REAL t = 0;
     if (len == BLOCK) {
@@ -160,9 +161,18 @@ static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, 
         for (int64_t k = 0; k < BLOCK; k++) t += h[k];
     } else {
 #pragma omp simd reduction(+ : t)
-        for (int64_t k = 0; k < len; k++) t += h[k];
+        for (int64_t k = 0; k < BLOCK; k++) t += k < len ? h[k] : (REAL)0;
     }
     return t;
+}
+
+/* sum[0..len) += h[0..len) over a whole block, lanes past len masked (they add zero: `sum`
+ * has a block's room). */
+static inline __attribute__((always_inline)) void add_lanes(REAL *restrict sum, const REAL *restrict h, int64_t len) {
+    if (len == BLOCK)
+        for (int64_t k = 0; k < BLOCK; k++) sum[k] += h[k];
+    else
+        for (int64_t k = 0; k < BLOCK; k++) sum[k] += k < len ? h[k] : (REAL)0;
 }
 
 /* A thread's running sums along the lane dim, in REAL, added to its float64 sums every
@@ -197,13 +207,7 @@ static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64
                        const int64_t *at, int64_t k0, int periodic, double *restrict totals, REAL (*fold)[BLOCK]) {
     int have_totals = periodic;
     if (periodic)
-        for (int64_t c = 0; c < channels; c++) {
-            REAL *restrict q = fold[c];
-            if (len == BLOCK - BLOCK % s->n[3])
-                for (int64_t k = 0; k < BLOCK; k++) q[k] += h[c][k]; /* lanes past len: never folded */
-            else
-                for (int64_t k = 0; k < len; k++) q[k] += h[c][k];
-        }
+        for (int64_t c = 0; c < channels; c++) add_lanes(fold[c], h[c], len);
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
         const int how = along(s, st);
@@ -213,13 +217,7 @@ static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64
         }
         if (how != ALONG_FLAT) continue;
         REAL *base = part->sums[t] + offset(at, st) + k0;
-        for (int64_t c = 0; c < channels; c++) {
-            REAL *restrict row = base + c * st[1];
-            if (len == BLOCK)
-                for (int64_t k = 0; k < BLOCK; k++) row[k] += h[c][k];
-            else
-                for (int64_t k = 0; k < len; k++) row[k] += h[c][k];
-        }
+        for (int64_t c = 0; c < channels; c++) add_lanes(base + c * st[1], h[c], len);
     }
 }
 
@@ -658,7 +656,7 @@ int ENTRY(const Pass *s) {
         for (int64_t t = 0; t < MAX_ACC; t++) part.lo[t] = INT64_MAX;
         for (int64_t t = 0; t < s->n_acc; t++)
             if (along(s, s->acc_stride[t]) != ALONG_NONE) {
-                part.sums[t] = calloc(s->acc_size[t], sizeof(REAL));
+                part.sums[t] = calloc(s->acc_size[t] + BLOCK, sizeof(REAL)); /* room for a block's lanes */
                 failed |= part.sums[t] == NULL;
             }
         Scratch *scratch = thread_scratch(s->merged, readable);
