@@ -652,7 +652,7 @@ int ENTRY(const Pass *s) {
 #pragma omp parallel num_threads(T) if (T > 1) reduction(| : failed)
     {
         const int64_t thread = omp_get_thread_num();
-        Partial part = {{0}};
+        Partial part = {0};
         for (int64_t t = 0; t < MAX_ACC; t++) part.lo[t] = INT64_MAX;
         for (int64_t t = 0; t < s->n_acc; t++)
             if (along(s, s->acc_stride[t]) != ALONG_NONE) {

@@ -7,6 +7,8 @@ Its agreement with the specification on the whole labelling zoo is in
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 
 import pytest
@@ -123,6 +125,22 @@ def test_a_non_finite_gradient_holds_that_tensor_still(monkeypatch, looped) -> N
 def test_switched_off_by_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("NFOPT_FUSED", "0")
     assert fused.library(torch.float32) is None
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_loop_compiles_where_there_is_a_compiler(monkeypatch, tmp_path, dtype: torch.dtype) -> None:
+    """The shipped source compiles, warning-free, with the machine's compiler (a source that did
+    not would leave every user on the slower path, and the tests of the loop skipped)."""
+    monkeypatch.setenv("NFOPT_FUSED", "1")
+    monkeypatch.setenv("NFOPT_CACHE_DIR", str(tmp_path))
+    fused._compiled.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.library(dtype) is not None
+    finally:
+        fused._compiled.cache_clear()
 
 
 def test_a_loop_that_does_not_compile_leaves_the_pytorch_path_with_one_warning(monkeypatch, tmp_path) -> None:
