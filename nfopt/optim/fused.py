@@ -130,12 +130,18 @@ def _compiled(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
             return None
 
 
-def _load(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
+def compiler() -> str:
+    """The C compiler the loop is built with: ``$CC``, else ``cc``, else ``gcc``."""
+    found = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if found is None:
         raise OSError("no C compiler found (set CC)")
+    return found
+
+
+def _load(dtype: torch.dtype) -> ctypes._CFuncPtr:
+    cc = compiler()
     name = _NAMES[dtype]
-    folder = cache_dir() / _machine_key(compiler)
+    folder = cache_dir() / _machine_key(cc)
     target = folder / f"fused_step_{name}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -144,10 +150,10 @@ def _load(dtype: torch.dtype) -> ctypes._CFuncPtr:
         os.close(fd)
         try:
             done = subprocess.run(
-                [compiler, *FLAGS, *defines, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                [cc, *FLAGS, *defines, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
             )
             if done.returncode:
-                raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+                raise OSError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)  # atomic: processes that compile at once each see a whole file
         finally:
             if os.path.exists(tmp):
