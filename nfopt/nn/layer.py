@@ -185,29 +185,35 @@ class NFLayer(nn.Module):
                 g = g / constant(plan.component_counts, rows)[:, None]
         targets = self._neighbours(plan, pooled, shapes, scales) if pooled is not None and plan.neighbours else None
         out = []
+        # each weight of a kind or slot taken apart once (one op), not indexed per bucket
+        A, bias, B = self.A.unbind(0), self.bias.unbind(0), self.B.unbind(0) if pooled is not None else None
+        E = self.E.unbind(0) if self.context_channels else None
+        G = self.G.unbind(0) if g is not None else None
         for b, (bucket, shape) in enumerate(zip(plan.buckets, shapes)):
-            p, k, s = bucket.plan, bucket.plan.kind, None if scales is None else scales[b]
+            p, k = bucket.plan, bucket.plan.kind
+            s = None if scales is None else scales[b][:, None, :]  # (B, 1, C_in): scales the input channels
             n, c_in = shape[0], shape[1]
             const = None
             if bucket.constant:
-                const = self.bias[k].expand(n, -1)
+                const = bias[k].expand(n, -1)
                 if self.context_channels:
-                    const = const + contexts[b] @ self.E[k].T
+                    const = torch.addmm(const, contexts[b], E[k].T)
                 if g is not None:
-                    const = const + (self.G[k] @ g if g.dim() == 1 else g[index(bucket.components, g.device)] @ self.G[k].T)
+                    const = const + (G[k] @ g if g.dim() == 1 else g[index(bucket.components, g.device)] @ G[k].T)
             terms: list[torch.Tensor] = []
             if pooled is not None:
                 for axes, slot in p.subsets:
                     m = pooled[b].mean(tuple(a + 2 for a in axes))
-                    w = self.B[slot] if s is None else self.B[slot] * s[:, None, :]
-                    terms.append((w @ m.reshape(n, c_in, -1)).reshape(n, -1, *m.shape[2:]))
+                    w = B[slot].expand(n, -1, -1) if s is None else B[slot] * s
+                    # bmm, not @: matmul of batched operands dispatches several views around it
+                    terms.append(torch.bmm(w, m.reshape(n, c_in, -1)).view(n, -1, *m.shape[2:]))
                 for ax, first in enumerate(bucket.targets):
                     if first >= 0:
                         size = p.canonical[ax]
                         view = [n, self.out_channels] + [1] * (len(shape) - 2)
                         view[ax + 2] = size
                         terms.append(targets[first : first + n * size].reshape(n, size, -1).transpose(1, 2).reshape(view))
-            a = self.A[k] if s is None else self.A[k] * s[:, None, :]
+            a = A[k] if s is None else A[k] * s
             folded = _fold(terms)
             if const is not None and folded:  # the constant joins a broadcast term: no full-size pass of its own
                 folded[0] = folded[0] + const.reshape(n, -1, *[1] * (len(shape) - 2))
