@@ -501,7 +501,7 @@ class NFNOptimizer(Optimizer):
         # statistics kept in another dtype (a float64 parameter beside float32 ones) step as copies
         work_states = [s if s["v"].dtype == dtype else {k: s[k].to(dtype) for k in _STATS} for s in states]
         grads = [g if g.dtype == dtype else g.to(dtype) for g in grads]
-        oks = rule.step_(spec, work, grads, work_states, multipliers, wds)
+        finite = rule.step_(spec, work, grads, work_states, multipliers, wds)
         for s, w in zip(states, work_states):
             if w is not s:
                 for k in _STATS:
@@ -509,7 +509,6 @@ class NFNOptimizer(Optimizer):
         converted = [(p, w) for p, w in zip(params, work) if w is not p]  # parameters not in the compute dtype
         if converted:
             torch._foreach_copy_([p for p, _ in converted], [w for _, w in converted])
-        finite = torch.stack(oks)
         torch._foreach_add_([s["nonfinite_skips"] for s in states], list((1 - finite).to(torch.int64).unbind()))
         if not self._warned_nonfinite:
             skipped = finite.min() < 1

@@ -34,6 +34,7 @@ from .features import FeatureConfig, adam_direction, context, features, per_memb
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
+from ..nn.layer import index
 from .fused import FusedPasses, library as fused_library
 
 
@@ -129,10 +130,11 @@ class LearnedUpdate(nn.Module):
         states: Sequence[dict[str, torch.Tensor]],
         lrs: Sequence[float] | None = None,
         weight_decays: Sequence[float] | None = None,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """:meth:`forward` for an optimizer step: ``params`` are overwritten with their new values
         and the ``states`` dicts take the new statistics (written into their tensors, or new
-        tensors for small buckets of the PyTorch path); returns the per-tensor finite flags.
+        tensors for small buckets of the PyTorch path); returns the finite flags of the tensors,
+        in their order (N,).
 
         The same math, pass by pass over the elements, so that no full-size feature or hidden
         tensor need exist: one pass updates the statistics and averages the features, one more
@@ -166,12 +168,9 @@ class LearnedUpdate(nn.Module):
             contexts.append(context_)
             scales.append(scale)
         self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
-        oks: list[torch.Tensor | None] = [None] * len(params)
-        for bucket, p in zip(plan.buckets, passes):
+        for p in passes:
             p.write_back()
-            for j, i in enumerate(bucket.members):
-                oks[i] = p.ok[j]
-        return oks  # type: ignore[return-value]
+        return torch.cat([p.ok for p in passes])[index(_tensor_order(plan), params[0].device)]
 
     def _plan(
         self, spec: WeightSpaceSpec | MonomialSpec, n: int, lrs: Sequence[float] | None, weight_decays: Sequence[float] | None
@@ -410,6 +409,16 @@ def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not reads_at_once(g.device) or not bool(ok.all()):
         g = torch.where(per_member(ok, g) > 0, g, 0.0)
     return g, ok
+
+
+@lru_cache(maxsize=256)
+def _tensor_order(plan: BucketPlan) -> tuple[int, ...]:
+    """Where each tensor's entry lies in its buckets' members, concatenated in bucket order."""
+    order = [i for bucket in plan.buckets for i in bucket.members]
+    at = [0] * len(order)
+    for position, i in enumerate(order):
+        at[i] = position
+    return tuple(at)
 
 
 def _flips(bucket: Bucket) -> bool:
