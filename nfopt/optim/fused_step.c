@@ -75,9 +75,7 @@ static inline float tanh_f(float x) {
 #define MAX_TERMS 8
 #define MAX_ACC 8
 #define MAX_MOMENTA 8
-#ifndef BLOCK
 #define BLOCK 128
-#endif
 #define MAX_PERIOD 16 /* merged lanes: the longest last dim */
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_TANH = 3 };
