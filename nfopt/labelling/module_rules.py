@@ -10,6 +10,7 @@ pins everything it touches. Supporting a new module is a row in :data:`MODULE_RU
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Any
 
 from torch import nn
@@ -164,6 +165,48 @@ def _encoder(inf: AxisInference, m: nn.TransformerEncoder, args: tuple, kwargs: 
 
 
 # --------------------------------------------------------------------------------------------------
+# Recurrent layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _rnn(inf: AxisInference, m: nn.RNN, args: tuple, kwargs: dict) -> tuple:
+    """nn.RNN (tanh or ReLU): a layer's hidden neurons index the rows of its input weights and
+    biases, and both axes of its recurrent weights; they are the next layer's inputs and the
+    output's features. The final state h_n stacks every layer's hidden state along one axis, so
+    with several layers their sets are one (the same permutation for all: still a symmetry,
+    whatever reads h_n). A given initial state h_0 is read along the same axis and joins that set
+    (pinning it unless h_0 is permuted too). LSTM and GRU stack their gates' rows in one axis,
+    which no label expresses: they have no rule."""
+    if m.bidirectional:
+        raise Unsupported
+    x = as_layout(call_arg(args, kwargs, 0, "input"))
+    h0 = call_arg(args, kwargs, 1, "hx")
+    features = inf.dim(x, -1)[0]
+    hidden = []
+    for k in range(m.num_layers):
+        w_ih, w_hh = inf.tensor(getattr(m, f"weight_ih_l{k}")), inf.tensor(getattr(m, f"weight_hh_l{k}"))
+        h = inf.union(w_ih.vars[0], w_hh.vars[0])
+        h = inf.union(h, w_hh.vars[1])
+        if m.bias:
+            for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
+                h = inf.union(h, inf.tensor(getattr(m, name)).vars[0])
+        inf.union(features, w_ih.vars[1])
+        features = h
+        hidden.append(h)
+    state = reduce(inf.union, hidden)
+    if h0 is not None:
+        h0 = as_layout(h0)
+        inf.union(state, inf.dim(h0, -1)[0])
+        inf.pin(h0.lead(1))
+    if m.num_layers > 1:
+        hidden = [state] * m.num_layers
+    lead = len(x.lead(1).vars)
+    out = Layout(inf.fresh(lead) + (hidden[-1],), (None,) * lead + (m.hidden_size,), x.complete)
+    h_n = Layout(inf.fresh(lead) + (state,), (None,) * lead + (m.hidden_size,), x.complete)
+    return out, h_n
+
+
+# --------------------------------------------------------------------------------------------------
 # Which rule each module type follows
 # --------------------------------------------------------------------------------------------------
 
@@ -190,5 +233,6 @@ MODULE_RULES: dict[type, ModuleRule] = {
     nn.MultiheadAttention: _attention,
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder,
+    nn.RNN: _rnn,
 }
 """What each torch.nn leaf module (by exact type: a subclass may compute something else) does."""

@@ -65,6 +65,32 @@ class Encoder(nn.Module):
         return self.head(self.layer(self.proj(x)))
 
 
+class Recurrent(nn.Module):
+    """An nn.RNN read by a head: at its last time step (``read="output"``), from its final state
+    (``"state"``), or started from a given initial state (``"given_state"``)."""
+
+    def __init__(self, layers: int = 1, read: str = "output", bidirectional: bool = False,
+                 nonlinearity: str = "tanh") -> None:
+        super().__init__()
+        self.read = read
+        self.rnn = nn.RNN(5, 6, num_layers=layers, batch_first=True, bidirectional=bidirectional,
+                          nonlinearity=nonlinearity)
+        self.head = nn.Linear(12 if bidirectional else 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.read == "given_state":
+            out, _ = self.rnn(x, torch.ones(self.rnn.num_layers, x.shape[0], 6, dtype=x.dtype))
+            return self.head(out[:, -1])
+        out, h = self.rnn(x)
+        return self.head(h[-1] if self.read == "state" else out[:, -1])
+
+
+def _rnn_axes(layer: int) -> list[Axis]:
+    """A layer's hidden axes: its input weights' and biases' rows, both axes of its recurrent weights."""
+    return [(f"rnn.weight_ih_l{layer}", 0), (f"rnn.weight_hh_l{layer}", 0), (f"rnn.weight_hh_l{layer}", 1),
+            (f"rnn.bias_ih_l{layer}", 0), (f"rnn.bias_hh_l{layer}", 0)]
+
+
 def mlp(middle: nn.Module, width: int = 6) -> nn.Module:
     return nn.Sequential(nn.Linear(5, width), middle, nn.Linear(width, 3))
 
@@ -115,6 +141,19 @@ CASES: dict[str, tuple[Callable[[], nn.Module], torch.Tensor, list[list[Axis]], 
          [("v.weight", 0), ("v.bias", 0), ("attn.v_proj_weight", 1)],
          [("attn.out_proj.weight", 0), ("attn.out_proj.bias", 0), ("head.weight", 1)]],
         [("attn.q_proj_weight", 0), ("attn.k_proj_weight", 0), ("attn.v_proj_weight", 0), ("attn.in_proj_bias", 0)],
+    ),
+    "rnn_read_at_its_last_step": (
+        Recurrent, randn(2, 4, 5), [[*_rnn_axes(0), ("head.weight", 1)]], [("rnn.weight_ih_l0", 1)],
+    ),
+    "rnn_relu_of_two_layers_read_from_its_final_state": (
+        lambda: Recurrent(layers=2, read="state", nonlinearity="relu"), randn(2, 4, 5),
+        [[*_rnn_axes(0), *_rnn_axes(1), ("rnn.weight_ih_l1", 1), ("head.weight", 1)]], [("rnn.weight_ih_l0", 1)],
+    ),
+    "rnn_from_a_given_initial_state_pins": (
+        lambda: Recurrent(read="given_state"), randn(2, 4, 5), [], [*_rnn_axes(0), ("head.weight", 1)],
+    ),
+    "bidirectional_rnn_pins": (
+        lambda: Recurrent(bidirectional=True), randn(2, 4, 5), [], [*_rnn_axes(0), ("head.weight", 1)],
     ),
     "encoder_layer_with_a_mixing_activation": (
         Encoder, randn(2, 4, 3),

@@ -41,6 +41,18 @@ class TransformerBlock(nn.Module):
         return self.head(self.layer(self.embed(x)).mean(1))
 
 
+class Recurrent(nn.Module):
+    """A two-layer RNN read from its final state: recurrent weights with one set on both axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(5, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[1][-1])
+
+
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)), (16, 5)),
     "cnn_bn": (
@@ -56,6 +68,7 @@ MODELS = {
     ),
     "residual": (lambda: Residual(6), (16, 5)),
     "transformer": (TransformerBlock, (8, 4, 5)),
+    "rnn": (Recurrent, (8, 4, 5)),
 }
 
 
