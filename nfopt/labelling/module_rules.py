@@ -175,10 +175,9 @@ def _rnn(inf: AxisInference, m: nn.RNN, args: tuple, kwargs: dict) -> tuple:
     output's features. The final state h_n stacks every layer's hidden state along one axis, so
     with several layers their sets are one (the same permutation for all: still a symmetry,
     whatever reads h_n). A given initial state h_0 is read along the same axis and joins that set
-    (pinning it unless h_0 is permuted too). LSTM and GRU stack their gates' rows in one axis,
-    which no label expresses: they have no rule."""
+    (pinning it unless h_0 is permuted too). Bidirectional: see :func:`_recurrent_inputs`."""
     if m.bidirectional:
-        raise Unsupported
+        return _recurrent_inputs(inf, m, args, kwargs)
     x = as_layout(call_arg(args, kwargs, 0, "input"))
     h0 = call_arg(args, kwargs, 1, "hx")
     features = inf.dim(x, -1)[0]
@@ -204,6 +203,25 @@ def _rnn(inf: AxisInference, m: nn.RNN, args: tuple, kwargs: dict) -> tuple:
     out = Layout(inf.fresh(lead) + (hidden[-1],), (None,) * lead + (m.hidden_size,), x.complete)
     h_n = Layout(inf.fresh(lead) + (state,), (None,) * lead + (m.hidden_size,), x.complete)
     return out, h_n
+
+
+def _recurrent_inputs(inf: AxisInference, m: nn.RNNBase, args: tuple, kwargs: dict) -> tuple:
+    """LSTM, GRU and bidirectional RNNs: the input features index the first layer's input
+    weights' columns (of both directions); everything else stays pinned. Their hidden neurons
+    would be a fixed gate axis times a neuron set in one axis (LSTM, GRU), which no label
+    expresses, or two sets side by side in the output (bidirectional)."""
+    x = as_layout(call_arg(args, kwargs, 0, "input"))
+    inf.pin((args[1:], {k: v for k, v in kwargs.items() if k != "input"}))
+    inf.pin(x.lead(1))
+    features = inf.dim(x, -1)[0]
+    for name, t in m.named_parameters(recurse=False):
+        layout = inf.tensor(t)
+        if name in ("weight_ih_l0", "weight_ih_l0_reverse"):
+            inf.union(features, layout.vars[1])
+            inf.pin_vars(layout.vars[:1])
+        else:
+            inf.pin(layout)
+    return UNKNOWN, UNKNOWN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,5 +252,7 @@ MODULE_RULES: dict[type, ModuleRule] = {
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder,
     nn.RNN: _rnn,
+    nn.LSTM: _recurrent_inputs,
+    nn.GRU: _recurrent_inputs,
 }
 """What each torch.nn leaf module (by exact type: a subclass may compute something else) does."""

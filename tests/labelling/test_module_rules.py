@@ -85,6 +85,19 @@ class Recurrent(nn.Module):
         return self.head(h[-1] if self.read == "state" else out[:, -1])
 
 
+class Gated(nn.Module):
+    """An LSTM or GRU (``kind``) between a Linear and a head."""
+
+    def __init__(self, kind: type[nn.RNNBase], bidirectional: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.rnn = kind(6, 4, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(8 if bidirectional else 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(torch.tanh(self.inp(x)))[0][:, -1])
+
+
 def _rnn_axes(layer: int) -> list[Axis]:
     """A layer's hidden axes: its input weights' and biases' rows, both axes of its recurrent weights."""
     return [(f"rnn.weight_ih_l{layer}", 0), (f"rnn.weight_hh_l{layer}", 0), (f"rnn.weight_hh_l{layer}", 1),
@@ -152,9 +165,20 @@ CASES: dict[str, tuple[Callable[[], nn.Module], torch.Tensor, list[list[Axis]], 
     "rnn_from_a_given_initial_state_pins": (
         lambda: Recurrent(read="given_state"), randn(2, 4, 5), [], [*_rnn_axes(0), ("head.weight", 1)],
     ),
-    "bidirectional_rnn_pins": (
-        lambda: Recurrent(bidirectional=True), randn(2, 4, 5), [], [*_rnn_axes(0), ("head.weight", 1)],
+    "bidirectional_rnn_couples_its_inputs_only": (
+        lambda: Recurrent(bidirectional=True), randn(2, 4, 5), [],
+        [*_rnn_axes(0), ("rnn.weight_ih_l0", 1), ("rnn.weight_ih_l0_reverse", 1), ("head.weight", 1)],
     ),
+    **{
+        f"{kind.__name__.lower()}{'_bidirectional' if both else ''}_couples_its_inputs_only": (
+            lambda kind=kind, both=both: Gated(kind, both), randn(2, 4, 5),
+            [[("inp.weight", 0), ("inp.bias", 0), ("rnn.weight_ih_l0", 1),
+              *([("rnn.weight_ih_l0_reverse", 1)] if both else [])]],
+            [("rnn.weight_ih_l0", 0), ("rnn.weight_hh_l0", 0), ("rnn.weight_hh_l0", 1), ("rnn.weight_ih_l1", 1),
+             ("head.weight", 1)],
+        )
+        for kind in (nn.LSTM, nn.GRU) for both in (False, True)
+    },
     "encoder_layer_with_a_mixing_activation": (
         Encoder, randn(2, 4, 3),
         [[("proj.weight", 0), ("layer.norm1.weight", 0), ("layer.self_attn.in_proj_weight", 1),
