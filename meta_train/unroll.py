@@ -17,6 +17,7 @@ a task).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -199,14 +200,8 @@ def unroll_together(
     return out
 
 
-_BATCHES: dict[tuple[int, ...], WeightSpaceSpec | MonomialSpec] = {}
-
-
+@lru_cache(maxsize=1024)
 def _batched(specs: tuple[WeightSpaceSpec | MonomialSpec, ...]) -> WeightSpaceSpec | MonomialSpec:
-    """One batch spec object per combination of task specs (which are made once per architecture),
-    so that the rule's per-spec plans are found at once."""
-    key = tuple(id(s) for s in specs)
-    spec = _BATCHES.get(key)
-    if spec is None:
-        spec = _BATCHES[key] = batch(specs)
-    return spec
+    """One batch spec object per combination of task specs, so that the rule's per-spec plans
+    are found at once."""
+    return batch(specs)

@@ -57,6 +57,10 @@ class FeatureConfig:
         return cls(**d)
 
 
+STATISTICS = ("step", "momenta", "v")
+"""The keys of a parameter's statistics (:func:`init_state`)."""
+
+
 def init_state(p: torch.Tensor, cfg: FeatureConfig) -> dict[str, torch.Tensor]:
     """Fresh statistics for one parameter, in float32 (or float64 for float64 parameters)."""
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -404,13 +404,15 @@ class FusedPasses:
         counters = [st["step"] for st in self.states]
         before = torch.stack(counters)
         ok = torch.ones(len(counters), dtype=ws.dtype)
-        self._members(before + ok, ok)
+        step = before + ok
+        self._members(step, ok)
         s, means = self._prepared(0, dims)
         if self._run(s) == 2:  # a non-finite gradient: that member is held still, the others' means taken again
             ok = ws.finite.clone()
-            self._members(before + ok, ok)
+            step = before + ok
+            self._members(step, ok)
             self._run(self._prepared(0, dims)[0])
-        self.ok, step = ok, before + ok
+        self.ok = ok
         torch._foreach_copy_(counters, list(step.unbind(0)))
         inv = ws.inverse_rms.clone()
         return KnownMeans(means.complete()), context(step, inv, self.rule.config.features), inv

@@ -471,11 +471,11 @@ static void layer(const LayerRow *lr, const REAL *const *in, Block *restrict out
 #endif
 
 /* One row (member, i0, i1, i2) of a pass. */
-/* A thread's blocks: features, two hidden layers (alternating), the new second moment and u.
+/* A thread's blocks: features, two hidden layers (alternating) and the new second moment.
  * Zeroed at the start of each pass: channels a layer reads past its inputs (with zero weights)
  * are never written and must hold finite values. */
 typedef struct {
-    Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v, u;
+    Block x[MAX_CHANNELS], h0[MAX_CHANNELS], h1[MAX_CHANNELS], v;
     REAL (*fold)[BLOCK];                               /* merged lanes: a row's sums by lane, per channel */
     REAL (*pattern)[MAX_TERMS][MAX_CHANNELS][BLOCK];   /* merged lanes: periodic terms of a row */
 } Scratch;
@@ -505,7 +505,8 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     Block *x = w->x, *h0 = w->h0, *h1 = w->h1;
     const REAL *hp[2][MAX_CHANNELS]; /* the layers' outputs as channel pointers */
     for (int64_t c = 0; c < MAX_CHANNELS; c++) hp[0][c] = h0[c], hp[1][c] = h1[c];
-    REAL *restrict v = w->v, *restrict u = w->u;
+    REAL *restrict v = w->v;
+    const REAL *u = x[dir]; /* Adam's direction, as the features hold it */
     const REAL fl = (REAL)s->sqrt_floor, eps = (REAL)s->eps;
     /* the row's member and index along every dim but the lane's; its offset in a member's data */
     int64_t at[5] = {0, 0, 0, 0, 0}, q = 0, stride = 1, ls = 1, rest = r;
@@ -566,7 +567,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         lerp(v, direct ? V + e : from, g2, v_rate);
         for (int64_t k = 0; k < BLOCK; k++) {
             x[root][k] = SQRT(v[k] * inv_bc2 + fl);
-            u[k] = x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
+            x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
         }
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from ..io import load_rule
 from ..labelling import ModelLabelling, MonomialLabelling, label_model, label_monomial
-from .features import FeatureConfig, init_state
+from .features import STATISTICS, FeatureConfig, init_state
 from .rule import LearnedUpdate, reads_at_once
 from ..weight_space import MonomialSpec, TensorSpec, WeightSpaceSpec, as_monomial, default_exponents
 
@@ -48,10 +48,6 @@ Labelling = WeightSpaceSpec | MonomialSpec | ModelLabelling | MonomialLabelling
 def _statistics(cfg: FeatureConfig) -> tuple[tuple[float, ...], float]:
     """What the per-parameter state's statistics are: the momenta's decay rates and beta2."""
     return cfg.momentum_decays, cfg.beta2
-
-
-_STATS = ("step", "momenta", "v")
-
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -425,10 +421,10 @@ class NFNOptimizer(Optimizer):
         """
         state_dict = dict(state_dict)
         for i, saved in state_dict.get("state", {}).items():
-            missing = [k for k in _STATS if k not in saved]
+            missing = [k for k in STATISTICS if k not in saved]
             if missing:
                 raise ValueError(
-                    f"the state of parameter {i} has keys {sorted(saved)}, not NFNOptimizer's {list(_STATS)}: "
+                    f"the state of parameter {i} has keys {sorted(saved)}, not NFNOptimizer's {list(STATISTICS)}: "
                     "this state_dict was made by another optimizer (its statistics cannot be read as the "
                     "learned rule's); start NFNOptimizer fresh instead"
                 )
@@ -499,12 +495,12 @@ class NFNOptimizer(Optimizer):
         alpha = self._learned_alpha(rule)
         multipliers = [lr / alpha for lr in lrs]  # the rule scales its step by α times these
         # statistics kept in another dtype (a float64 parameter beside float32 ones) step as copies
-        work_states = [s if s["v"].dtype == dtype else {k: s[k].to(dtype) for k in _STATS} for s in states]
+        work_states = [s if s["v"].dtype == dtype else {k: s[k].to(dtype) for k in STATISTICS} for s in states]
         grads = [g if g.dtype == dtype else g.to(dtype) for g in grads]
         finite = rule.step_(spec, work, grads, work_states, multipliers, wds)
         for s, w in zip(states, work_states):
             if w is not s:
-                for k in _STATS:
+                for k in STATISTICS:
                     s[k].copy_(w[k])
         converted = [(p, w) for p, w in zip(params, work) if w is not p]  # parameters not in the compute dtype
         if converted:

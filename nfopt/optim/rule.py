@@ -30,7 +30,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .features import FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics
+from .features import (
+    STATISTICS, FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics,
+)
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
@@ -215,9 +217,6 @@ class LearnedUpdate(nn.Module):
         return c.alpha * self.log_alpha.exp(), c.beta * self.log_beta.exp(), c.gamma * self.log_gamma.exp()
 
 
-_STATS = ("step", "momenta", "v")
-
-
 class _BucketStep(NamedTuple):
     """What a bucket's step computes before the NFN; ``x`` and ``u`` are None for a bucket taken
     in chunks, whose features are recomputed chunk by chunk."""
@@ -322,7 +321,7 @@ class _EagerPasses(ChunkPasses):
         s, n = self.work, len(self.params)
         if n > 1:
             torch._foreach_copy_(self.params, list(s.p.unbind(0)))
-        for k in _STATS:
+        for k in STATISTICS:
             if s.x is not None:  # new tensors
                 for j, state in enumerate(self.states):
                     state[k] = s.state[k][j]
@@ -386,7 +385,7 @@ def _stacked_members(
     def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
-    return stack(params), stack(grads), {k: stack([s[k] for s in states]) for k in _STATS}
+    return stack(params), stack(grads), {k: stack([s[k] for s in states]) for k in STATISTICS}
 
 
 READ_AT_ONCE = {"cpu"}
@@ -413,10 +412,9 @@ def _finite(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=256)
 def _tensor_order(plan: BucketPlan) -> tuple[int, ...]:
-    """Where each tensor's entry lies in its buckets' members, concatenated in bucket order."""
-    order = [i for bucket in plan.buckets for i in bucket.members]
-    at = [0] * len(order)
-    for position, i in enumerate(order):
+    """Each tensor's position in bucket order (``plan.order`` inverted)."""
+    at = [0] * len(plan.order)
+    for position, i in enumerate(plan.order):
         at[i] = position
     return tuple(at)
 
