@@ -36,7 +36,7 @@
 
 /* exp and tanh in float to about an ulp, written so that loops calling them vectorize (libm's
  * do not without -ffast-math). exp: Cephes' polynomial on [-ln2/2, ln2/2] times 2^n. */
-static inline float exp_f(float x) {
+static inline __attribute__((always_inline)) float exp_f(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -53,7 +53,7 @@ static inline float exp_f(float x) {
 
 /* tanh: its Taylor series below |x| = 0.5 (to x^17: error under 1e-8 there), else
  * 1 - 2 / (1 + exp(2|x|)) with the sign of x (no cancellation there). */
-static inline float tanh_f(float x) {
+static inline __attribute__((always_inline)) float tanh_f(float x) {
     const float a = x < 0 ? -x : x;
     const float z = x * x;
     float p = 6404582.0f / 10854718875.0f;
@@ -114,6 +114,26 @@ typedef struct {
 
 typedef REAL Block[BLOCK];
 
+#ifdef __AVX512F__
+#define VBYTES 64
+#else
+#define VBYTES 32
+#endif
+#define VL (VBYTES / (int)sizeof(REAL)) /* lanes of a vector */
+typedef REAL Vec __attribute__((vector_size(VBYTES)));
+#ifdef REAL_IS_DOUBLE
+typedef int64_t Mask __attribute__((vector_size(VBYTES)));
+#else
+typedef int32_t Mask __attribute__((vector_size(VBYTES)));
+#endif
+
+static inline __attribute__((always_inline)) Vec vload(const REAL *p) {
+    Vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+
 /* out <- lerp(x, end, w) over a block, by torch.lerp's formula (one of two, chosen by w) so
  * that the results agree with it. */
 static inline void lerp(REAL *restrict out, const REAL *restrict x, const REAL *restrict end, REAL w) {
@@ -164,6 +184,47 @@ static inline __attribute__((always_inline)) REAL total(const REAL *restrict h, 
     return t;
 }
 
+/* A row's sums per channel. A block's horizontal sum would be a chain of dependent scalar adds
+ * (the compiler keeps their order), costlier than the rest of a features pass; so blocks add
+ * lane by lane into REAL vectors, which are summed across lanes into float64 every SPILL_BLOCKS
+ * blocks (so that long rows stay accurate) and at the row's end. */
+#define SPILL_BLOCKS 16
+typedef struct {
+    Vec lanes[MAX_CHANNELS];
+    double sum[MAX_CHANNELS];
+} RowSums;
+
+static void clear_sums(RowSums *r, int64_t channels) {
+    memset(r->lanes, 0, sizeof(Vec) * channels);
+    memset(r->sum, 0, sizeof(double) * channels);
+}
+
+/* r's channel c += h[0..len) of a block (squared where `squares`), lanes past len masked. */
+static inline __attribute__((always_inline)) void add_block(RowSums *restrict r, int64_t c, const REAL *restrict h,
+                                                            int64_t len, const int squares) {
+    Block masked;
+    if (len < BLOCK) {
+        for (int64_t k = 0; k < BLOCK; k++) masked[k] = k < len ? h[k] : (REAL)0;
+        h = masked;
+    }
+    Vec t = r->lanes[c];
+    for (int64_t kv = 0; kv < BLOCK; kv += VL) {
+        const Vec x = vload(h + kv);
+        t += squares ? x * x : x;
+    }
+    r->lanes[c] = t;
+}
+
+/* The lanes' sums moved into the float64 sums. */
+static void spill(RowSums *r, int64_t channels) {
+    for (int64_t c = 0; c < channels; c++) {
+        double t = 0;
+        for (int k = 0; k < VL; k++) t += (double)r->lanes[c][k];
+        r->sum[c] += t;
+        r->lanes[c] = (Vec){0};
+    }
+}
+
 /* sum[0..len) += h[0..len) over a whole block, lanes past len masked (they add zero: `sum`
  * has a block's room). */
 static inline __attribute__((always_inline)) void add_lanes(REAL *restrict sum, const REAL *restrict h, int64_t len) {
@@ -202,7 +263,7 @@ static int periodic_sums(const Pass *s) {
  * added to the thread's buffers once at the row's end (end_row): the threads' buffers share
  * cache lines, which per-block writes would keep moving between cores. */
 static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64_t channels, int64_t len,
-                       const int64_t *at, int64_t k0, int periodic, double *restrict totals, REAL (*fold)[BLOCK]) {
+                       const int64_t *at, int64_t k0, int periodic, RowSums *restrict totals, REAL (*fold)[BLOCK]) {
     int have_totals = periodic;
     if (periodic)
         for (int64_t c = 0; c < channels; c++) add_lanes(fold[c], h[c], len);
@@ -210,7 +271,7 @@ static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64
         const int64_t *st = s->acc_stride[t];
         const int how = along(s, st);
         if (how == ALONG_NONE && !have_totals) {
-            for (int64_t c = 0; c < channels; c++) totals[c] += total(h[c], len);
+            for (int64_t c = 0; c < channels; c++) add_block(totals, c, h[c], len, 0);
             have_totals = 1;
         }
         if (how != ALONG_FLAT) continue;
@@ -223,7 +284,7 @@ static void accumulate(const Pass *s, Partial *part, const REAL *const *h, int64
  * left, added to every sum by position in the period and (their total) to the row's totals, and
  * cleared. */
 static void fold_row(const Pass *s, Partial *part, int64_t channels, const int64_t *at, int64_t blen,
-                     double *restrict totals, REAL (*fold)[BLOCK]) {
+                     RowSums *restrict totals, REAL (*fold)[BLOCK]) {
     const int64_t n3 = s->n[3];
     for (int64_t c = 0; c < channels; c++) {
         REAL *restrict q = fold[c];
@@ -238,15 +299,16 @@ static void fold_row(const Pass *s, Partial *part, int64_t channels, const int64
             REAL *out = part->sums[t] + offset(at, st) + c * st[1];
             for (int64_t d = 0; d < n3; d++) out[d] += q[d];
         }
-        totals[c] += total(q, n3);
+        totals->sum[c] += total(q, n3);
         memset(q, 0, sizeof(REAL) * BLOCK);
     }
 }
 
 /* A row's end: its totals added to the thread's buffers of the sums that the lanes do not
  * index, and its runs of the others (n_lane lanes; a period) noted for the flush. */
-static void end_row(const Pass *s, Partial *part, const double *totals, int64_t channels, const int64_t *at,
+static void end_row(const Pass *s, Partial *part, RowSums *totals, int64_t channels, const int64_t *at,
                     int64_t n_lane, int64_t thread) {
+    spill(totals, channels);
     for (int64_t t = 0; t < s->n_acc; t++) {
         const int64_t *st = s->acc_stride[t];
         const int how = along(s, st);
@@ -255,7 +317,7 @@ static void end_row(const Pass *s, Partial *part, const double *totals, int64_t 
             continue;
         }
         double *base = s->acc[t] + thread * s->acc_size[t] + offset(at, st);
-        for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals[c];
+        for (int64_t c = 0; c < channels; c++) base[c * st[1]] += totals->sum[c];
     }
 }
 
@@ -308,25 +370,6 @@ static inline void store(REAL *restrict dst, const REAL *restrict src, int64_t l
         for (int64_t k = 0; k < len; k++) dst[k] = src[k];
     else
         for (int64_t k = 0; k < len; k++) dst[k * stride] = src[k];
-}
-
-#ifdef __AVX512F__
-#define VBYTES 64
-#else
-#define VBYTES 32
-#endif
-#define VL (VBYTES / (int)sizeof(REAL)) /* lanes of a vector */
-typedef REAL Vec __attribute__((vector_size(VBYTES)));
-#ifdef REAL_IS_DOUBLE
-typedef int64_t Mask __attribute__((vector_size(VBYTES)));
-#else
-typedef int32_t Mask __attribute__((vector_size(VBYTES)));
-#endif
-
-static inline __attribute__((always_inline)) Vec vload(const REAL *p) {
-    Vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
 }
 
 static inline __attribute__((always_inline)) Vec activate_lanes(Vec y, const int act) {
@@ -497,6 +540,24 @@ static Scratch *thread_scratch(int64_t merged, int64_t channels) {
     return scratch;
 }
 
+/* A block's new parameters: the bounded residual on Adam's direction u, scaled, with decoupled
+ * weight decay; y0, y1 are the network's outputs. Its own function: inside `row`, the compiler
+ * gives up vectorizing it. */
+static void update(const Pass *s, REAL *restrict out, const REAL *restrict p, const REAL *restrict y0,
+                   const REAL *restrict y1, const REAL *restrict u, REAL rate, REAL wd) {
+    const REAL bb = (REAL)s->beta_over_bound, gamma = (REAL)s->gamma, bound = (REAL)s->bound, limit = (REAL)s->limit,
+               keep = wd != 0 ? (REAL)1 - rate * wd : (REAL)1;
+    const int flips = s->flips != 0;
+    for (int64_t k = 0; k < BLOCK; k++) {
+        const REAL deviation = TANH(y0[k] * bb);
+        const REAL c = flips ? y1[k] * sign(u[k]) : y1[k];
+        REAL e = gamma * c;
+        e = e < -limit ? -limit : (e > limit ? limit : e);
+        const REAL step = (u[k] + bound * deviation) * EXP(e);
+        out[k] = (wd != 0 ? p[k] * keep : p[k]) + (-rate) * step;
+    }
+}
+
 static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thread) {
     const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, lane = s->lane;
     const int64_t numel = s->n[0] * s->n[1] * s->n[2] * s->n[3], n_lane = s->merged ? s->n[2] * s->n[3] : s->n[lane];
@@ -529,13 +590,19 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];
     for (int64_t k = 0; k < BLOCK; k++) index[k] = (int32_t)(k * ls);
-    double gsum = 0, totals[MAX_CHANNELS] = {0}, sumsq[MAX_CHANNELS] = {0};
+    RowSums totals, sumsq, gsum; /* sumsq: of the features; gsum: of the gradient */
+    clear_sums(&totals, s->width[s->mode]);
+    if (s->mode == 0) clear_sums(&sumsq, C0), clear_sums(&gsum, 1);
     LayerRow layers[MAX_LAYERS];
     for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l], s->merged ? w->pattern[l] : NULL);
     /* merged lanes: blocks of whole periods, so that every block starts at a period's start */
     const int64_t blen = s->merged ? BLOCK / s->n[3] * s->n[3] : BLOCK;
     const int periodic = s->merged && !last && periodic_sums(s);
     for (int64_t k0 = 0; k0 < n_lane; k0 += blen) {
+        if (!last && k0 && k0 / blen % SPILL_BLOCKS == 0) {
+            spill(&totals, s->width[s->mode]);
+            if (s->mode == 0) spill(&sumsq, C0), spill(&gsum, 1);
+        }
         const int64_t len = n_lane - k0 < blen ? n_lane - k0 : blen, e = k0 * ls;
         /* features: p, g, the new momenta, sqrt(v̂), u; p and g read where they are if they can
            be (unit stride, a whole block inside the member's tensor: lanes past the row's end
@@ -555,7 +622,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         else
             load(x[1], G + e, len, ls, index);
         const REAL *restrict g = xin[1];
-        if (s->mode == 0) gsum += total(g, len);
+        if (s->mode == 0) add_block(&gsum, 0, g, len, 0);
         for (int64_t j = 0; j < M; j++) {
             const REAL *old = Mm + j * numel + e;
             if (!direct) load(from, old, len, ls, index);
@@ -572,12 +639,8 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
         if (s->mode == 0) {
-            for (int64_t c = 0; c < C0; c++) {
-                Block sq;
-                for (int64_t k = 0; k < BLOCK; k++) sq[k] = xin[c][k] * xin[c][k];
-                sumsq[c] += total(sq, len);
-            }
-            accumulate(s, part, xin, C0, len, at, k0, periodic, totals, w->fold);
+            for (int64_t c = 0; c < C0; c++) add_block(&sumsq, c, xin[c], len, 1);
+            accumulate(s, part, xin, C0, len, at, k0, periodic, &totals, w->fold);
             continue;
         }
         /* layers, up to the one this pass needs */
@@ -587,32 +650,23 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
             in = hp[l % 2];
         }
         if (!last) {
-            accumulate(s, part, in, s->width[s->mode], len, at, k0, periodic, totals, w->fold);
+            accumulate(s, part, in, s->width[s->mode], len, at, k0, periodic, &totals, w->fold);
             continue;
         }
-        /* the update: the bounded residual on Adam's direction, scaled, with weight decay; then
-           the statistics */
-        const REAL bb = (REAL)s->beta_over_bound, gamma = (REAL)s->gamma, bound = (REAL)s->bound,
-                   limit = (REAL)s->limit, keep = wd != 0 ? (REAL)1 - rate * wd : (REAL)1;
+        /* the update, then the statistics */
         Block out;
-        for (int64_t k = 0; k < BLOCK; k++) {
-            const REAL deviation = TANH(in[0][k] * bb);
-            const REAL c = s->flips ? in[1][k] * sign(u[k]) : in[1][k];
-            REAL e = gamma * c;
-            e = e < -limit ? -limit : (e > limit ? limit : e);
-            const REAL step = (u[k] + bound * deviation) * EXP(e);
-            out[k] = (wd != 0 ? xin[0][k] * keep : xin[0][k]) + (-rate) * step;
-        }
+        update(s, out, xin[0], in[0], in[1], u, rate, wd);
         store(P + e, out, len, ls, index);
         for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
         store(V + e, v, len, ls, index);
     }
     if (last) return;
-    if (periodic) fold_row(s, part, s->width[s->mode], at, blen, totals, w->fold);
-    end_row(s, part, totals, s->width[s->mode], at, n_lane, thread);
+    if (periodic) fold_row(s, part, s->width[s->mode], at, blen, &totals, w->fold);
+    end_row(s, part, &totals, s->width[s->mode], at, n_lane, thread);
     if (s->mode == 0) {
-        s->gsum[thread * B + b] += gsum;
-        for (int64_t c = 0; c < C0; c++) s->sumsq[(thread * B + b) * C0 + c] += sumsq[c];
+        spill(&gsum, 1), spill(&sumsq, C0);
+        s->gsum[thread * B + b] += gsum.sum[0];
+        for (int64_t c = 0; c < C0; c++) s->sumsq[(thread * B + b) * C0 + c] += sumsq.sum[c];
     }
 }
 

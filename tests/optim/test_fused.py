@@ -28,6 +28,7 @@ SHAPES = {
     "conv": [(8, 6, 3, 3), (8, 6, 1, 1), (8,)],  # the last two dims together, a period of 9 (and 1)
     "conv3d": [(4, 3, 2, 2, 2)],
     "tiny": [(3,), (2, 2)],
+    "long-rows": [(40000,), (3, 5000)],  # rows of many blocks: their sums move into float64 on the way
 }
 
 
