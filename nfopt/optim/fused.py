@@ -387,35 +387,28 @@ class FusedPasses:
             raise MemoryError("the fused step ran out of memory for its sums")
         return code
 
-    def _members(self, step: torch.Tensor, ok: torch.Tensor) -> None:
-        """The per-member scalars of this step (``step``: the new step counters): flag, bias
-        corrections, rate, weight decay (as the PyTorch path computes them, so that both agree to
-        the last bit here)."""
-        bc1, bc2 = bias_corrections(step, self.rule.config.features)
-        lr, wd = (_per_member(values, ok.dtype) for values in (self.lrs, self.weight_decays))
-        self._member = torch.stack([ok, bc1, bc2, (lr * ok) * self.scalars[0], wd], 1).to(torch.float64)
-        self._ws.base.member = self._member.data_ptr()
-
-    def statistics(self, dims: Sequence[tuple[int, ...]]) -> tuple[KnownMeans, torch.Tensor, torch.Tensor]:
-        """The means over ``dims`` of the features, and the members' context and scales; the
-        step counters advance (the statistics are written by :meth:`finish`)."""
+    def first_pass(self, dims: Sequence[tuple[int, ...]], member: torch.Tensor) -> bool:
+        """Pass 0 with the members' scalars ``member`` (B, 5): the features' means over ``dims``
+        and their inverse RMS; False where a gradient held a non-finite value (see ``finite``)."""
         ws = self._ws
         _, ws.base.beta_over_bound, ws.base.gamma = self.scalars
-        counters = [st["step"] for st in self.states]
-        before = torch.stack(counters)
-        ok = torch.ones(len(counters), dtype=ws.dtype)
-        step = before + ok
-        self._members(step, ok)
-        s, means = self._prepared(0, dims)
-        if self._run(s) == 2:  # a non-finite gradient: that member is held still, the others' means taken again
-            ok = ws.finite.clone()
-            step = before + ok
-            self._members(step, ok)
-            self._run(self._prepared(0, dims)[0])
-        self.ok = ok
-        torch._foreach_copy_(counters, list(step.unbind(0)))
-        inv = ws.inverse_rms.clone()
-        return KnownMeans(means.complete()), context(step, inv, self.rule.config.features), inv
+        self._member = member  # what the loop reads in every pass
+        ws.base.member = member.data_ptr()
+        s, self._means = self._prepared(0, dims)
+        return self._run(s) != 2
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """(B,) 1 where the member's gradient was finite in the last pass 0."""
+        return self._ws.finite
+
+    @property
+    def inverse_rms(self) -> torch.Tensor:
+        """(B, C) the inverse RMS of the members' features from the last pass 0."""
+        return self._ws.inverse_rms
+
+    def known_means(self) -> KnownMeans:
+        return KnownMeans(self._means.complete())
 
     def means(self, parts: Sequence[Terms], dims: Sequence[tuple[int, ...]]) -> KnownMeans:
         s, means = self._prepared(len(parts), dims)
@@ -433,3 +426,46 @@ class FusedPasses:
 
     def write_back(self) -> None:
         """Nothing: the last pass wrote every member in place."""
+
+
+class FusedStep:
+    """The buckets of one step that the loop takes (of one dtype), with their members' scalars
+    computed for all of them at once, a few ops a step instead of a few per bucket: step
+    counters, bias corrections, rates, weight decays and context, as the PyTorch path computes
+    them (elementwise, so that both agree to the last bit)."""
+
+    def __init__(self, passes: Sequence[FusedPasses]) -> None:
+        self.passes = list(passes)
+        first = self.passes[0]
+        self._cfg, self._alpha, dtype = first.rule.config.features, first.scalars[0], first._ws.dtype
+        self._counters = [st["step"] for p in self.passes for st in p.states]
+        self._before = torch.stack(self._counters)
+        self._sizes = [len(p.states) for p in self.passes]
+        self._rates = [_per_member([v for p in self.passes for v in values(p)], dtype)
+                       for values in (lambda p: p.lrs, lambda p: p.weight_decays)]
+        self._member = self._table(torch.ones(len(self._counters), dtype=dtype))
+
+    def _table(self, ok: torch.Tensor) -> torch.Tensor:
+        """The loop's per-member scalars (N, 5): flag, bias corrections, rate, weight decay."""
+        self.ok, self.step = ok, self._before + ok
+        bc1, bc2 = bias_corrections(self.step, self._cfg)
+        lr, wd = self._rates
+        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd], 1).to(torch.float64)
+
+    def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, torch.Tensor]]:
+        """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means,
+        context and scales; the step counters advance. A member whose gradient is not finite is
+        held still: its bucket's means are taken again without it."""
+        members = self._member.split(self._sizes)
+        held = [b for b, (p, m) in enumerate(zip(self.passes, members)) if not p.first_pass(dims[b], m)]
+        if held:
+            ok = torch.cat([p.finite.clone() if b in held else torch.ones_like(p.finite) for b, p in enumerate(self.passes)])
+            self._member.copy_(self._table(ok))
+            for b in held:
+                self.passes[b].first_pass(dims[b], members[b])
+        torch._foreach_copy_(self._counters, list(self.step.unbind(0)))
+        inv = torch.cat([p.inverse_rms for p in self.passes])
+        for p, ok in zip(self.passes, self.ok.split(self._sizes)):
+            p.ok = ok
+        contexts = context(self.step, inv, self._cfg).split(self._sizes)
+        return [(p.known_means(), c, i) for p, c, i in zip(self.passes, contexts, inv.split(self._sizes))]

@@ -37,7 +37,7 @@ from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
 from ..nn.layer import index
-from .fused import FusedPasses, library as fused_library
+from .fused import FusedPasses, FusedStep, library as fused_library
 
 
 @dataclass(frozen=True)
@@ -151,24 +151,27 @@ class LearnedUpdate(nn.Module):
         momenta = len(self.config.features.momentum_decays)
         scalars = None  # for the compiled loop, as numbers (reading them waits for the device)
         passes: list[_EagerPasses | FusedPasses] = []
-        firsts, contexts, scales = [], [], []
+        looped: dict[torch.dtype, list[int]] = {}  # the buckets the loop takes, by dtype
         for b, (bucket, act) in enumerate(zip(plan.buckets, self.nfn.activations(plan))):
             m = bucket.members
             members = ([params[i] for i in m], [grads[i] for i in m], [states[i] for i in m])
             rates = ([lrs[i] for i in m], [weight_decays[i] for i in m])
-            entry = fused_library(params[m[0]].dtype) if FusedPasses.accepts(bucket, *members, widths, momenta, act) else None
+            dtype = params[m[0]].dtype
+            entry = fused_library(dtype) if FusedPasses.accepts(bucket, *members, widths, momenta, act) else None
             if entry is not None:
                 if scalars is None:
                     alpha, beta, gamma = self.scalars()
                     scalars = (alpha, float(beta / self.config.max_deviation), float(gamma))
-                p = FusedPasses(entry, self, scalars, bucket, *members, *rates, widths, act)
+                passes.append(FusedPasses(entry, self, scalars, bucket, *members, *rates, widths, act))
+                looped.setdefault(dtype, []).append(b)
             else:
-                p = _EagerPasses(self, bucket, *members, *rates, act)
-            means, context_, scale = p.statistics(first.needed_means(plan, b))
-            passes.append(p)
-            firsts.append(means)
-            contexts.append(context_)
-            scales.append(scale)
+                passes.append(_EagerPasses(self, bucket, *members, *rates, act))
+        stats = {}  # bucket -> its first pass's means, context and scales
+        for buckets in looped.values():
+            stats.update(zip(buckets, FusedStep([passes[b] for b in buckets]).statistics(
+                [first.needed_means(plan, b) for b in buckets])))
+        firsts, contexts, scales = (list(column) for column in zip(*(
+            stats[b] if b in stats else p.statistics(first.needed_means(plan, b)) for b, p in enumerate(passes))))
         self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
         for p in passes:
             p.write_back()
