@@ -166,7 +166,10 @@ class NFLayer(nn.Module):
     ) -> list[Terms]:
         """Everything but the per-element channel mixing, per bucket, from the means of its
         features (``pooled[b].mean(dims)`` for the dims of :meth:`needed_means`): the mixing
-        matrix (scaled per member), the per-member constant and the broadcast terms."""
+        matrix (scaled per member), the per-member constant and the broadcast terms.
+
+        ``scales[b]`` None means that bucket b's means are of features already scaled, and its
+        mixing matrix is left for the caller to scale."""
         if self.context_channels and contexts is None:
             raise ValueError(f"this layer expects a context of {self.context_channels} channels per tensor")
         pooled = pooled if self.pooled else None
@@ -189,24 +192,36 @@ class NFLayer(nn.Module):
         A, bias, B = self.A.unbind(0), self.bias.unbind(0), self.B.unbind(0) if pooled is not None else None
         E = self.E.unbind(0) if self.context_channels else None
         G = self.G.unbind(0) if g is not None else None
+        shared: dict[int, torch.Tensor] = {}  # a kind's constant where it is one for the whole space
         for b, (bucket, shape) in enumerate(zip(plan.buckets, shapes)):
             p, k = bucket.plan, bucket.plan.kind
-            s = None if scales is None else scales[b][:, None, :]  # (B, 1, C_in): scales the input channels
+            s = None if scales is None or scales[b] is None else scales[b][:, None, :]  # (B, 1, C_in)
             n, c_in = shape[0], shape[1]
             const = None
             if bucket.constant:
-                const = bias[k].expand(n, -1)
+                if g is not None and g.dim() == 1:
+                    if k not in shared:
+                        shared[k] = torch.addmv(bias[k], G[k], g)
+                    const = shared[k].expand(n, -1)
+                else:
+                    const = bias[k].expand(n, -1)
+                    if g is not None:
+                        const = const + g[index(bucket.components, g.device)] @ G[k].T
                 if self.context_channels:
                     const = torch.addmm(const, contexts[b], E[k].T)
-                if g is not None:
-                    const = const + (G[k] @ g if g.dim() == 1 else g[index(bucket.components, g.device)] @ G[k].T)
             terms: list[torch.Tensor] = []
             if pooled is not None:
                 for axes, slot in p.subsets:
                     m = pooled[b].mean(tuple(a + 2 for a in axes))
                     w = B[slot].expand(n, -1, -1) if s is None else B[slot] * s
-                    # bmm, not @: matmul of batched operands dispatches several views around it
-                    terms.append(torch.bmm(w, m.reshape(n, c_in, -1)).view(n, -1, *m.shape[2:]))
+                    # bmm, not @: matmul of batched operands dispatches several views around it;
+                    # the constant joins the first product (no full-size pass of its own)
+                    kept, m = m.shape[2:], m.reshape(n, c_in, -1)
+                    if const is None:
+                        y = torch.bmm(w, m)
+                    else:
+                        y, const = torch.baddbmm(const.unsqueeze(-1), w, m), None
+                    terms.append(y.view(n, -1, *kept))
                 for ax, first in enumerate(bucket.targets):
                     if first >= 0:
                         size = p.canonical[ax]
@@ -232,7 +247,7 @@ class NFLayer(nn.Module):
                 if first >= 0:
                     v = pooled[b].mean(tuple(d for d in range(2, len(shape)) if d != ax + 2))
                     v = v.reshape(shape[0], shape[1], -1)
-                    if scales is not None:
+                    if scales is not None and scales[b] is not None:
                         v = v * scales[b][:, :, None]
                     vectors.append(v.transpose(1, 2).reshape(-1, shape[1]))
         sources = torch.cat(vectors)
@@ -244,8 +259,8 @@ class NFLayer(nn.Module):
         return sources.new_zeros(nb.n_targets, self.out_channels).index_add(0, nb.dst, contributions)
 
 
-def _scaled(means: torch.Tensor, scales: Sequence[torch.Tensor] | None, b: int) -> torch.Tensor:
-    return means if scales is None else means * scales[b]
+def _scaled(means: torch.Tensor, scales: Sequence[torch.Tensor | None] | None, b: int) -> torch.Tensor:
+    return means if scales is None or scales[b] is None else means * scales[b]
 
 
 @lru_cache(maxsize=256)

@@ -269,9 +269,9 @@ class _Workspace:
             s.acc[t], s.acc_size[t], s.mean[t] = acc.data_ptr(), mean.numel(), mean.data_ptr()
             s.acc_stride[t][:] = _strides(mean)
             s.acc_scale[t] = 1.0 / math.prod(self.canonical[d - 2] for d in key)
+        s.inverse_rms = self.inverse_rms.data_ptr()
         if mode == 0:
-            s.sumsq, s.gsum = self.sumsq.data_ptr(), self.gsum.data_ptr()
-            s.inverse_rms, s.finite = self.inverse_rms.data_ptr(), self.finite.data_ptr()
+            s.sumsq, s.gsum, s.finite = self.sumsq.data_ptr(), self.gsum.data_ptr(), self.finite.data_ptr()
         self._passes[mode] = (keys, s, _DerivedMeans(means, derived, self.canonical))
         self._buffers += keep
         return self._passes[mode][1:]
@@ -388,8 +388,9 @@ class FusedPasses:
         return code
 
     def first_pass(self, dims: Sequence[tuple[int, ...]], member: torch.Tensor) -> bool:
-        """Pass 0 with the members' scalars ``member`` (B, 5): the features' means over ``dims``
-        and their inverse RMS; False where a gradient held a non-finite value (see ``finite``)."""
+        """Pass 0 with the members' scalars ``member`` (B, 5): the features' inverse RMS and the
+        means over ``dims`` of the features scaled by it; False where a gradient held a
+        non-finite value (see ``finite``)."""
         ws = self._ws
         _, ws.base.beta_over_bound, ws.base.gamma = self.scalars
         self._member = member  # what the loop reads in every pass
@@ -452,10 +453,11 @@ class FusedStep:
         lr, wd = self._rates
         return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd], 1).to(torch.float64)
 
-    def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, torch.Tensor]]:
-        """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means,
-        context and scales; the step counters advance. A member whose gradient is not finite is
-        held still: its bucket's means are taken again without it."""
+    def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, None]]:
+        """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means
+        and context, and None for its scales (the means are of the scaled features, and later
+        passes scale the first layer's weights); the step counters advance. A member whose
+        gradient is not finite is held still: its bucket's means are taken again without it."""
         members = self._member.split(self._sizes)
         held = [b for b, (p, m) in enumerate(zip(self.passes, members)) if not p.first_pass(dims[b], m)]
         if held:
@@ -468,4 +470,4 @@ class FusedStep:
         for p, ok in zip(self.passes, self.ok.split(self._sizes)):
             p.ok = ok
         contexts = context(self.step, inv, self._cfg).split(self._sizes)
-        return [(p.known_means(), c, i) for p, c, i in zip(self.passes, contexts, inv.split(self._sizes))]
+        return [(p.known_means(), c, None) for p, c in zip(self.passes, contexts)]

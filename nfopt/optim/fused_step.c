@@ -93,7 +93,7 @@ typedef struct {
     const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay */
     double rates[MAX_MOMENTA];  /* 1 - decay, per momentum */
     double v_rate, eps, sqrt_floor, rms_eps, beta_over_bound, gamma, bound, limit;
-    const REAL *a[MAX_LAYERS];  /* (members?, out, in) */
+    const REAL *a[MAX_LAYERS];  /* (members?, out, in); the first layer's for unscaled inputs */
     int64_t a_member_stride[MAX_LAYERS];
     const REAL *constant[MAX_LAYERS]; /* (members, out) or null */
     int64_t n_terms[MAX_LAYERS];
@@ -108,7 +108,8 @@ typedef struct {
     REAL *mean[MAX_ACC];      /* out: the means, (members, channels, kept dims) */
     double *sumsq;            /* pass 0: (threads, members, channels) squared features */
     double *gsum;             /* pass 0: (threads, members) sums of the gradients */
-    REAL *inverse_rms;        /* out, pass 0: (members, channels) */
+    REAL *inverse_rms;        /* (members, channels): out in pass 0, which scales its means and the
+                                 first layer's weights by it in later passes */
     REAL *finite;             /* out, pass 0: (members,) 1 where the gradient is finite */
 } Pass;
 
@@ -679,7 +680,7 @@ static void reduce(double *buffer, int64_t size, int64_t threads) {
 /* One pass over all rows of the bucket. Returns 0, 1 for a pass it cannot take (more channels,
  * layers or momenta than it is compiled for), or 2 where pass 0 found a non-finite gradient
  * (see `finite`), 3 where memory ran out. */
-int ENTRY(const Pass *s) {
+static int run(const Pass *s) {
     const int64_t M = s->momenta, L = s->n_layers, C0 = s->width[0], B = s->members, T = s->threads;
     if (C0 > MAX_CHANNELS || M > MAX_MOMENTA || L > MAX_LAYERS || L < 1 || C0 != M + 4 || T < 1) return 1;
     if (s->n_acc > MAX_ACC || s->mode < 0 || s->mode > L) return 1;
@@ -728,20 +729,46 @@ int ENTRY(const Pass *s) {
         for (int64_t t = 0; t < s->n_acc; t++) free(part.sums[t]);
     }
     if (failed) return 3;
+    int all = 1;
+    if (s->mode == 0) {
+        reduce(s->sumsq, B * C0, T);
+        reduce(s->gsum, B, T);
+        const double n = (double)(s->n[0] * s->n[1] * s->n[2] * s->n[3]);
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t c = 0; c < C0; c++)
+                s->inverse_rms[b * C0 + c] = (REAL)(1.0 / sqrt(s->sumsq[b * C0 + c] / n + s->rms_eps));
+            s->finite[b] = isfinite(s->gsum[b]) ? (REAL)1 : (REAL)0;
+            all &= isfinite(s->gsum[b]) != 0;
+        }
+    }
+    /* the means; pass 0's of the features as the first layer reads them, scaled by their inverse
+       RMS (a mean is (members, channels, the rest) in memory: the lanes' dim is moved among the rest) */
+    const int64_t channels = s->width[s->mode];
     for (int64_t t = 0; t < s->n_acc; t++) {
         reduce(s->acc[t], s->acc_size[t], T);
-        for (int64_t i = 0; i < s->acc_size[t]; i++) s->mean[t][i] = (REAL)(s->acc[t][i] * s->acc_scale[t]);
-    }
-    if (s->mode != 0) return 0;
-    reduce(s->sumsq, B * C0, T);
-    reduce(s->gsum, B, T);
-    const double n = (double)(s->n[0] * s->n[1] * s->n[2] * s->n[3]);
-    int all = 1;
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t c = 0; c < C0; c++)
-            s->inverse_rms[b * C0 + c] = (REAL)(1.0 / sqrt(s->sumsq[b * C0 + c] / n + s->rms_eps));
-        s->finite[b] = isfinite(s->gsum[b]) ? (REAL)1 : (REAL)0;
-        all &= isfinite(s->gsum[b]) != 0;
+        const int64_t rest = s->acc_size[t] / (B * channels);
+        for (int64_t bc = 0; bc < B * channels; bc++) {
+            const double scale = s->acc_scale[t] * (s->mode == 0 ? (double)s->inverse_rms[bc] : 1.0);
+            for (int64_t i = bc * rest; i < (bc + 1) * rest; i++) s->mean[t][i] = (REAL)(s->acc[t][i] * scale);
+        }
     }
     return all ? 0 : 2;
+}
+
+/* One pass over all rows of the bucket (see `run`); later passes take the first layer's weights
+ * scaled per member by pass 0's inverse RMS of its inputs. */
+int ENTRY(const Pass *s) {
+    if (s->mode == 0 || s->n_layers < 1) return run(s);
+    const int64_t B = s->members, c_in = s->width[0], c_out = s->width[1];
+    REAL *a = malloc(sizeof(REAL) * B * c_out * c_in);
+    if (!a) return 3;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t o = 0; o < c_out; o++)
+            for (int64_t i = 0; i < c_in; i++)
+                a[(b * c_out + o) * c_in + i] = s->a[0][b * s->a_member_stride[0] + o * c_in + i] * s->inverse_rms[b * c_in + i];
+    Pass scaled = *s;
+    scaled.a[0] = a, scaled.a_member_stride[0] = c_out * c_in;
+    const int code = run(&scaled);
+    free(a);
+    return code;
 }
