@@ -1,13 +1,15 @@
-"""The A/B of two compiled loops: a revision's source is found, both versions build and step."""
+"""The A/B of two compiled loops or packages: a revision's source is found, both versions build and step."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
 
 from benchmarks import loop_ab
+from nfopt import NFNOptimizer
 from nfopt.optim import fused
 
 
@@ -23,4 +25,11 @@ def test_a_revision_gives_its_loop(tmp_path) -> None:
 def test_both_loops_step_and_are_timed(capsys) -> None:
     loop_ab.main(["--old", str(fused.SOURCE), "--models", "deep_narrow", "--quick"])
     line = capsys.readouterr().out.strip()
-    assert line.startswith("deep_narrow old ") and " new " in line and line.endswith("(1.00x Adam)")
+    assert line.startswith("deep_narrow old ") and " new " in line and "(1.00x Adam)" in line and " new/old " in line
+
+
+def test_a_revision_of_the_whole_package_steps_beside_the_working_tree(capsys) -> None:
+    loop_ab.main(["--old", "HEAD", "--package", "--models", "deep_narrow", "--quick"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("deep_narrow old ") and " new/old " in line
+    assert "nfopt_at_old" in sys.modules and sys.modules["nfopt_at_old"].NFNOptimizer is not NFNOptimizer
