@@ -107,20 +107,21 @@ def test_the_loop_agrees_with_the_pytorch_path(name: str, dtype: torch.dtype, to
 @needs_loop
 def test_a_non_finite_gradient_holds_that_tensor_still(monkeypatch, looped) -> None:
     """A member whose gradient holds inf is left as it was, parameters and statistics, and the
-    other members of its bucket step as on the PyTorch path."""
-    rule, params, grads, states = _inputs([(6, 40)] * 3, torch.float32)
+    other members of its bucket and the other buckets step as on the PyTorch path."""
+    rule, params, grads, states = _inputs([(6, 40)] * 3 + [(5, 7)], torch.float32)
     grads[1] = grads[1].clone()
     grads[1][2, 3] = float("inf")
     looped.clear()  # (the inputs' statistics come from earlier steps)
     new, new_states, oks = _step(rule, params, grads, states, monkeypatch, True)
-    assert len(looped) == 1, "the bucket went through the loop"
-    assert [bool(o) for o in oks] == [True, False, True]
+    assert len(looped) == 2, "both buckets went through the loop"
+    assert [bool(o) for o in oks] == [True, False, True, True]
     assert torch.equal(new[1], params[1])
     for k in ("momenta", "v", "step"):
         assert torch.equal(new_states[1][k], states[1][k])
-    eager, _, _ = _step(rule, params, grads, states, monkeypatch, False)
-    for i in (0, 2):
+    eager, eager_states, _ = _step(rule, params, grads, states, monkeypatch, False)
+    for i in (0, 2, 3):
         assert torch.allclose(new[i], eager[i], rtol=1e-5, atol=1e-7)
+        assert torch.equal(new_states[i]["step"], eager_states[i]["step"])
 
 
 def test_switched_off_by_the_environment(monkeypatch) -> None:
