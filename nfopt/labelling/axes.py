@@ -150,6 +150,7 @@ class AxisInference:
         self.traces = Traces()
         self._out_meta: Any = None
         self.not_understood: dict[int, nn.Module] = {}  # modules with parameters read as opaque
+        self.split: dict[int, nn.Module] = {}  # untraceable modules with parameters, analysed by submodule
 
     # ---- variables -------------------------------------------------------------------------------
 
@@ -307,8 +308,13 @@ class AxisInference:
             self._analyse_unit(unit, calls.get(id(unit)))
 
     def _units(self, module: nn.Module) -> list[nn.Module]:
-        if self.traces.graphs(module) is not None:
+        """The largest traceable modules under ``module``; containers (which have no forward of
+        their own) are never units, their children are."""
+        container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        if not container and self.traces.graphs(module) is not None:
             return [module]
+        if not container and any(True for _ in module.parameters()):
+            self.split[id(module)] = module
         return [u for child in module.children() for u in self._units(child)]
 
     def _analyse_unit(self, module: nn.Module, inputs: tuple | None) -> None:

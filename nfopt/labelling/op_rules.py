@@ -284,6 +284,14 @@ def _matmul_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
     return _matmul(inf, args[0], call_arg(args, kwargs, 1, "other"))
 
 
+def _addmm_call(first: str, second: str) -> FunctionRule:
+    """``addmm``/``baddbmm``: ``input + first @ second`` (beta and alpha scale, changing no axis)."""
+    def rule(inf: AxisInference, args: tuple, kwargs: dict) -> Any:
+        product = _matmul(inf, call_arg(args, kwargs, 1, first), call_arg(args, kwargs, 2, second))
+        return pointwise(inf, product, call_arg(args, kwargs, 0, "input"))
+    return rule
+
+
 def _transpose_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
     return _transpose(args[0], call_arg(args, kwargs, 1, "dim0"), call_arg(args, kwargs, 2, "dim1"))
 
@@ -399,6 +407,8 @@ FUNCTION_RULES: dict[Any, FunctionRule] = {
     **{f: _reshape_call for f in available(torch, "flatten reshape squeeze unsqueeze")},
     **{f: _reduce_call for f in available(torch, "sum mean amax amin logsumexp")},
     **{f: _matmul_call for f in (torch.matmul, operator.matmul, torch.mm, torch.bmm)},
+    torch.addmm: _addmm_call("mat1", "mat2"),
+    torch.baddbmm: _addmm_call("batch1", "batch2"),
     **{f: _transpose_call for f in available(torch, "transpose swapaxes")},
     **{f: _cat_call for f in available(torch, "cat concat concatenate")},
     torch.stack: _stack_call,
@@ -426,6 +436,8 @@ METHOD_RULES: dict[str, FunctionRule] = {
     **{name: _reshape_call for name in "view reshape flatten unflatten squeeze unsqueeze view_as reshape_as".split()},
     **{name: _reduce_call for name in "sum mean amax amin logsumexp".split()},
     **{name: _matmul_call for name in "matmul mm bmm __matmul__".split()},
+    "addmm": _addmm_call("mat1", "mat2"),
+    "baddbmm": _addmm_call("batch1", "batch2"),
     **{name: _transpose_call for name in "transpose swapaxes".split()},
     "permute": _permute_call,
     "t": _t_call,

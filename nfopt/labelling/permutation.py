@@ -120,18 +120,29 @@ def label_model(model: nn.Module, example_inputs: tuple | torch.Tensor | None = 
 
 def _warn_not_understood(model: nn.Module, inference: AxisInference, specs: Sequence[TensorSpec], no_inputs: bool) -> None:
     """One warning naming the modules whose parameters were left uncoupled because the
-    inference did not understand them, and how many tensors that leaves coupled to nothing."""
-    if not inference.not_understood:
+    inference did not understand them, or whose submodules it analysed apart (an untraceable
+    module: nothing couples across its submodules), and how many tensors that leaves coupled to
+    nothing."""
+    if not inference.not_understood and not inference.split:
         return
-    names = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if id(m) in inference.not_understood]
+
+    def named(found: dict[int, nn.Module]) -> str:
+        names = [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules() if id(m) in found]
+        return f"{len(names)} module(s) with parameters: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+
+    parts = []
+    if inference.not_understood:
+        parts.append(f"label_model does not understand {named(inference.not_understood)}; their tensors get "
+                     "independent labels")
+    if inference.split:
+        parts.append(f"label_model cannot trace {named(inference.split)} with torch.fx and labels their submodules "
+                     "apart, so nothing couples across those")
     shared = Counter(label for t in specs for label in t.axes if label is not None)
     alone = sum(1 for t in specs if all(label is None or shared[label] == 1 for label in t.axes))
     hint = " Passing example_inputs lets it follow shapes." if no_inputs else ""
     warnings.warn(
-        f"label_model does not understand {len(names)} module(s) with parameters: {', '.join(names[:8])}"
-        f"{' ...' if len(names) > 8 else ''}; their tensors get independent labels, and {alone} of "
-        f"{len(specs)} parameter tensors are coupled to nothing (the optimizer works on them, without "
-        f"the structure).{hint}",
+        f"{'; '.join(parts)}. {alone} of {len(specs)} parameter tensors are coupled to nothing (the optimizer works "
+        f"on them, without the structure).{hint}",
         stacklevel=3,
     )
 

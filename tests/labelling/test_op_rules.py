@@ -45,6 +45,16 @@ CASES: dict[str, tuple[Callable, dict, torch.Tensor, list[list[Axis]], list[Axis
         lambda m, x: torch.tanh(m.w1 @ x.mT).permute(1, 0) @ m.w2.mT,
         {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [[W1, W2]], [("w1", 1), ("w2", 0)],
     ),
+    "addmm_with_the_weight_stored_input_major": (  # Hugging Face's Conv1D: x @ w + b, w (in, out)
+        lambda m, x: torch.addmm(m.b2, torch.tanh(torch.addmm(m.b1, x, m.w1)), m.w2),
+        {"w1": (5, 6), "b1": (6,), "w2": (6, 3), "b2": (3,)}, randn(4, 5),
+        [[("w1", 1), ("b1", 0), ("w2", 0)]], [("w1", 0), ("w2", 1), ("b2", 0)],
+    ),
+    "baddbmm_and_its_method": (
+        lambda m, x: m.b2.baddbmm(torch.tanh(torch.baddbmm(m.b1, x, m.w1)), m.w2),
+        {"w1": (2, 5, 6), "b1": (6,), "w2": (2, 6, 3), "b2": (3,)}, randn(2, 4, 5),
+        [[("w1", 2), ("b1", 0), ("w2", 1)]], [("w1", 0), ("w1", 1), ("w2", 0), ("w2", 2), ("b2", 0)],
+    ),
     "broadcast_operands": (
         lambda m, x: torch.tanh(x @ m.w1.T + m.b1) * m.s @ m.w2.T,
         {"w1": (6, 5), "b1": (6,), "s": (1, 6), "w2": (3, 6)}, randn(4, 5),

@@ -354,3 +354,33 @@ def test_modules_it_does_not_understand_are_named_in_one_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         label_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+
+
+class _Untraceable(nn.Module):
+    """Blocks in a ModuleList under a forward with data-dependent control flow (fx cannot trace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 6)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x) if x.sum() > -1e9 else x
+        return x
+
+
+def test_an_untraceable_model_is_labelled_by_the_blocks_in_its_containers_and_says_so() -> None:
+    """A ModuleList is no unit of its own: the blocks in it are, so each block's hidden neurons are
+    coupled (and a random group element leaves the outputs unchanged); one warning names the
+    untraceable model whose submodules were labelled apart, and how many tensors couple to nothing."""
+    torch.manual_seed(0)
+    model, x = _Untraceable().double(), torch.randn(3, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"cannot trace 1 module\(s\) with parameters: <model> \(_Untraceable\).* 2 of 8") as caught:
+        lab = label_model(model, (x,))
+    assert len(caught) == 1
+    for b in range(2):
+        hidden = label_of(lab, f"blocks.{b}.0.weight", 0)
+        assert hidden is not None
+        assert label_of(lab, f"blocks.{b}.0.bias", 0) == hidden == label_of(lab, f"blocks.{b}.2.weight", 1)
+    assert label_of(lab, "blocks.0.0.weight", 0) != label_of(lab, "blocks.1.0.weight", 0)
+    assert invariance_error(model, lab, (x,)) < TOL
