@@ -313,7 +313,7 @@ class AxisInference:
         container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
         if not container and self.traces.graphs(module) is not None:
             return [module]
-        if not container and any(True for _ in module.parameters()):
+        if not container and next(module.parameters(), None) is not None:
             self.split[id(module)] = module
         return [u for child in module.children() for u in self._units(child)]
 

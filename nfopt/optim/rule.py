@@ -168,10 +168,12 @@ class LearnedUpdate(nn.Module):
                 passes.append(_EagerPasses(self, bucket, *members, *rates, act))
         stats = {}  # bucket -> its first pass's means, context and scales
         for buckets in looped.values():
-            stats.update(zip(buckets, FusedStep([passes[b] for b in buckets]).statistics(
-                [first.needed_means(plan, b) for b in buckets])))
-        firsts, contexts, scales = (list(column) for column in zip(*(
-            stats[b] if b in stats else p.statistics(first.needed_means(plan, b)) for b, p in enumerate(passes))))
+            done = FusedStep([passes[b] for b in buckets]).statistics([first.needed_means(plan, b) for b in buckets])
+            stats.update(zip(buckets, done))
+        for b, p in enumerate(passes):
+            if b not in stats:
+                stats[b] = p.statistics(first.needed_means(plan, b))
+        firsts, contexts, scales = (list(column) for column in zip(*(stats[b] for b in range(len(passes)))))
         self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
         for p in passes:
             p.write_back()
