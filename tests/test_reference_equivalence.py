@@ -90,6 +90,8 @@ def _cases() -> dict[str, Case]:
     cases["nan-signs-mlp2_tanh"] = Case(lambda: _signs("mlp2_tanh"), {"sign_flips": True}, nonfinite=2)
     cases["every_relation"] = Case(every_relation_spec, CONFIGS[1])
     cases["per_element-every_relation"] = Case(every_relation_spec, {"pooled": False})
+    cases["per_element_last-every_relation"] = Case(every_relation_spec, {"pooled_last": False})
+    cases["per_element_last-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "pooled_last": False})
     for seed in range(3):
         cases[f"random{seed}"] = Case(lambda seed=seed: random_spec(seed), CONFIGS[seed])
     return cases

@@ -37,7 +37,10 @@ class NFN(nn.Module):
     """An equivariant network on weight space: NF-layers with a pointwise nonlinearity between them.
 
     The context vector (per-tensor invariants) enters the first layer only. ``zero_last`` closes
-    the output so that a fresh network maps everything to zero.
+    the output so that a fresh network maps everything to zero. ``pooled_last=False`` makes the
+    last layer per element (no pooled, neighbour or global term): the earlier layers still mix
+    information across elements, and an optimizer step saves the pass over every element that
+    would average the last layer's input.
     """
 
     def __init__(
@@ -50,13 +53,14 @@ class NFN(nn.Module):
         pooled: bool = True,
         activation: str = "relu",
         zero_last: bool = False,
+        pooled_last: bool = True,
     ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"an NFN needs at least one layer, got n_layers={n_layers}")
         widths = [in_channels] + [hidden_channels] * (n_layers - 1) + [out_channels]
         self.layers = nn.ModuleList(
-            NFLayer(i, o, context_channels if n == 0 else 0, pooled)
+            NFLayer(i, o, context_channels if n == 0 else 0, pooled and (pooled_last or n < n_layers - 1))
             for n, (i, o) in enumerate(zip(widths[:-1], widths[1:]))
         )
         self._act = _activation(activation)
@@ -101,9 +105,10 @@ class NFN(nn.Module):
         """The network pass by pass over every bucket, so that no full-size hidden tensor need exist.
 
         ``first_means[b]`` holds the means of bucket b's features that the first layer needs;
-        each later layer costs one more pass (``passes[b].means``) to average its input, once the
-        previous layers' terms of every bucket are known (neighbour terms read other buckets);
-        ``passes[b].finish`` gets every layer's terms and consumes the output.
+        each later pooled layer costs one more pass (``passes[b].means``) to average its input,
+        once the previous layers' terms of every bucket are known (neighbour terms read other
+        buckets); a per-element layer costs none. ``passes[b].finish`` gets every layer's terms
+        and consumes the output.
         """
         def stacked(channels: int) -> list[tuple[int, ...]]:
             return [(len(b.members), channels, *b.plan.canonical) for b in plan.buckets]
@@ -111,7 +116,10 @@ class NFN(nn.Module):
         first = self.layers[0]
         parts = [first.terms(plan, first_means, stacked(first.in_channels), contexts, scales)]
         for layer in self.layers[1:]:
-            means = [p.means([part[b] for part in parts], layer.needed_means(plan, b)) for b, p in enumerate(passes)]
+            means = (
+                [p.means([part[b] for part in parts], layer.needed_means(plan, b)) for b, p in enumerate(passes)]
+                if layer.pooled else None
+            )
             parts.append(layer.terms(plan, means, stacked(layer.in_channels)))
         for b, p in enumerate(passes):
             p.finish([part[b] for part in parts])

@@ -48,6 +48,7 @@ class UpdateConfig:
     hidden_channels: int = 8
     n_layers: int = 2
     pooled: bool = True
+    pooled_last: bool = True  # False: the last NF-layer per element, one pass fewer per step
     activation: str = "relu"
     alpha: float = 1e-3
     beta: float = 1.0
@@ -85,6 +86,7 @@ class LearnedUpdate(nn.Module):
             pooled=config.pooled,
             activation=config.activation,
             zero_last=True,
+            pooled_last=config.pooled_last,
         )
         self.log_alpha = nn.Parameter(torch.zeros(()))
         self.log_beta = nn.Parameter(torch.zeros(()))
