@@ -60,9 +60,9 @@ def _step(rule, params, grads, states, monkeypatch, loop: bool, lrs=None, wds=No
     return params, states, oks
 
 
-def _inputs(shapes, dtype: torch.dtype, seed: int = 0):
+def _inputs(shapes, dtype: torch.dtype, seed: int = 0, **cfg):
     g = torch.Generator().manual_seed(seed)
-    rule = fresh_rule(alpha=0.01).to(dtype)
+    rule = fresh_rule(alpha=0.01, **cfg).to(dtype)
     with torch.no_grad():
         for w in rule.parameters():
             w.copy_(torch.randn(w.shape, generator=g, dtype=dtype) * 0.4)
@@ -122,6 +122,21 @@ def test_a_non_finite_gradient_holds_that_tensor_still(monkeypatch, looped) -> N
     for i in (0, 2, 3):
         assert torch.allclose(new[i], eager[i], rtol=1e-5, atol=1e-7)
         assert torch.equal(new_states[i]["step"], eager_states[i]["step"])
+
+
+@needs_loop
+@pytest.mark.parametrize("n_layers, pooled_last, modes", [(2, True, [0, 1, 2]), (2, False, [0, 2]), (3, False, [0, 1, 3])])
+def test_a_per_element_last_layer_costs_no_pass(monkeypatch, n_layers: int, pooled_last: bool, modes: list[int]) -> None:
+    """Each pooled layer after the first takes a pass over the bucket to average its input; a
+    per-element last layer takes none, and the step still agrees with the PyTorch path."""
+    rule, params, grads, states = _inputs([(6, 40)], torch.float32, n_layers=n_layers, pooled_last=pooled_last)
+    taken = []
+    run = fused.FusedPasses._run
+    monkeypatch.setattr(fused.FusedPasses, "_run", lambda self, s, parts=(): (taken.append(s.mode), run(self, s, parts))[1])
+    new, _, _ = _step(rule, params, grads, states, monkeypatch, True)
+    assert taken == modes
+    eager, _, _ = _step(rule, params, grads, states, monkeypatch, False)
+    assert torch.allclose(new[0], eager[0], rtol=1e-5, atol=1e-7)
 
 
 def test_switched_off_by_the_environment(monkeypatch) -> None:
