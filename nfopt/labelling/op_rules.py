@@ -567,7 +567,8 @@ ATEN_RULES: dict[Any, FunctionRule] = {
         "sin cos tanh sigmoid relu relu6 gelu silu mish elu selu celu leaky_relu softplus hardtanh hardswish "
         "hardsigmoid erf clamp clamp_min clamp_max clip maximum minimum where masked_fill dropout "
         "softmax _softmax log_softmax _log_softmax layer_norm rms_norm eq ne lt le gt ge logical_not "
-        "logical_and logical_or bitwise_not bitwise_and bitwise_or __and__ __or__",
+        "logical_and logical_or bitwise_not bitwise_and bitwise_or __and__ __or__ "
+        "add_ sub_ mul_ div_ relu_ clamp_ sigmoid_ tanh_",
     )},
     **{op: _first_only for op in available(_aten, "alias clone contiguous detach to _to_copy type_as lift_fresh_copy")},
     **{op: _static_call for op in available(_aten, "_assert_tensor_metadata sym_size sym_numel dim")},

@@ -136,8 +136,8 @@ def _warn_not_understood(model: nn.Module, inference: AxisInference, specs: Sequ
         parts.append(f"label_model does not understand {named(inference.not_understood)}; their tensors get "
                      "independent labels")
     if inference.split:
-        parts.append(f"label_model cannot trace {named(inference.split)} with torch.fx and labels their submodules "
-                     "apart, so nothing couples across those")
+        parts.append(f"label_model cannot trace {named(inference.split)} with torch.fx (nor export the model whole "
+                     "with torch.export) and labels their submodules apart, so nothing couples across those")
     shared = Counter(label for t in specs for label in t.axes if label is not None)
     alone = sum(1 for t in specs if all(label is None or shared[label] == 1 for label in t.axes))
     hint = " Passing example_inputs lets it follow shapes." if no_inputs else ""

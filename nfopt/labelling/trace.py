@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -116,18 +118,31 @@ def exported_graphs(model: nn.Module, inputs: tuple) -> list[fx.GraphModule] | N
     them on the example inputs; None if export fails, or if a module has hooks (which the graph
     may not show). Export reads what fx cannot (keyword arguments, loops over shapes), fixing the
     inputs' shapes; its graphs read parameters and buffers by ``get_attr`` of the model's own
-    tensors."""
+    tensors. What export warns, logs and prints is silenced: a failure has a fallback, which says so."""
     if any(has_hooks(m) for m in model.modules()):
         return None
     graphs = []
     for training in (False, True):
         try:
-            with warnings.catch_warnings(), _training(model, training):
-                warnings.simplefilter("ignore")
+            with _quiet(), _training(model, training):
                 graphs.append(torch.export.export(model, inputs, strict=False).module())
         except Exception:  # export fails in many ways (data-dependent control flow, unsupported ops, ...)
             return None
     return graphs
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence warnings, logging and standard error (where export prints the partial graph of a
+    failure), restoring them after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def exported_shapes(gm: fx.GraphModule) -> dict[fx.Node, Any]:

@@ -99,6 +99,10 @@ CASES: dict[str, tuple[Callable, dict, torch.Tensor, list[list[Axis]], list[Axis
         lambda m, x: attend(m, x, attn_mask=torch.ones(7, 7, dtype=torch.bool).tril()),
         ATTENTION, SEQUENCES, [[("wq", 0), ("wk", 0)], [("wv", 0), ("wo", 1)]], [],
     ),
+    "in_place_pointwise_keeps": (
+        lambda m, x: F.linear(x, m.w1).mul_(2).relu_() @ m.w2.T,
+        {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [[W1, W2]], [],
+    ),
     "batch_norm_with_its_vectors_reordered": (
         lambda m, x: F.batch_norm(F.linear(x, m.w1), None, None, m.g, m.b, training=True) @ m.w2.T,
         {"w1": (6, 5), "g": (6,), "b": (6,), "w2": (3, 6)}, randn(4, 5), [[W1, ("g", 0), ("b", 0), W2]], [],
