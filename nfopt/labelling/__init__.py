@@ -2,9 +2,11 @@
 
 ``permutation``: the labelling API: which parameter axes share a neuron set, inferred or given.
 ``monomial``: which of those sets also admit sign flips or scalings, and the graph check that decides.
-``trace``: the torch.fx core both stand on: tracing a model, running its graph, watching its forward.
+``trace``: the torch.fx core both stand on: tracing a model, running its graph, watching its forward
+(and exporting, for one fx cannot trace).
 ``axes``: the permutation inference: axis variables tied and pinned while walking the graphs.
-``op_rules``, ``module_rules``: what each torch function, tensor method and nn module does to them.
+``op_rules``, ``module_rules``: what each torch function, tensor method, ATen operator and nn module does
+to them.
 """
 
 from .monomial import MonomialLabelling, act_model_, label_monomial, monomial_invariance_error

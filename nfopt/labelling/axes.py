@@ -22,7 +22,9 @@ from torch import nn
 from torch.fx.node import map_arg
 
 from ..weight_space import MAX_LABELLED_AXES, TensorSpec
-from .trace import NONTENSOR, Traces, has_hooks, leaves, monitored_forward, record_shapes
+from .trace import (
+    NONTENSOR, Traces, exported_graphs, exported_shapes, has_hooks, leaves, monitored_forward, record_shapes,
+)
 
 
 class Unsupported(Exception):
@@ -231,7 +233,9 @@ class AxisInference:
             self._out_meta = saved
 
     def call(self, op: str, target: Any, args: tuple, kwargs: dict) -> Any:
-        rule = (self.rules.methods if op == "call_method" else self.rules.functions).get(target)
+        """A function or method call; an ATen overload without a rule of its own follows its packet's."""
+        table = self.rules.methods if op == "call_method" else self.rules.functions
+        rule = table.get(target) or table.get(getattr(target, "overloadpacket", None))
         if rule is None:
             return self.opaque(args, kwargs)
         try:
@@ -289,7 +293,8 @@ class AxisInference:
     # ---- whole models ----------------------------------------------------------------------------
 
     def analyse(self, model: nn.Module, inputs: tuple | None) -> None:
-        """Analyse the model whole if it traces, else the largest submodules that do."""
+        """Analyse the model whole if it traces, else (with inputs) whole as exported, else the
+        largest submodules that trace."""
         if self.traces.graphs(model) is not None:
             self._analyse_unit(model, inputs)
             return
@@ -299,6 +304,11 @@ class AxisInference:
                 "every parameter gets independent labels",
                 stacklevel=3,
             )
+            return
+        exported = exported_graphs(model, inputs)
+        if exported is not None:
+            for gm in exported:
+                self.run(gm, exported_shapes(gm))
             return
         units = list({id(u): u for u in self._units(model)}.values())
         calls, outside = monitored_forward(model, units, inputs, set(self.vars))

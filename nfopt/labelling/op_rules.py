@@ -4,8 +4,9 @@ Each rule takes the :class:`~nfopt.labelling.axes.Layout` of a call's operands, 
 their variables, and returns the result's layout; it raises
 :class:`~nfopt.labelling.axes.Unsupported` for a call it cannot analyse, which then pins
 everything the call touches. The first part says what each operation does, the tables at the
-end which rule each function and method follows: supporting a new one is a row in
-:data:`FUNCTION_RULES` or :data:`METHOD_RULES` (and a rule, if none fits).
+end which rule each function, method and ATen operator (in the graphs of ``torch.export``)
+follows: supporting a new one is a row in :data:`FUNCTION_RULES`, :data:`METHOD_RULES` or
+:data:`ATEN_RULES` (and a rule, if none fits).
 """
 
 from __future__ import annotations
@@ -258,6 +259,54 @@ def _index(inf: AxisInference, x: Any, index: Any) -> Any:
     return Layout(tuple(v for v, _ in out), tuple(s for _, s in out), True)
 
 
+def expand(inf: AxisInference, x: Any) -> Layout:
+    """A broadcast to the traced output shape: axes kept whole carry their variable; axes of size 1
+    made wider and new leading axes are fresh (pinned) ones."""
+    x, shape = as_layout(x), inf.out_shape()
+    if shape is None or not x.complete or len(shape) < len(x.vars):
+        raise Unsupported
+    lead = len(shape) - len(x.vars)
+    out = list(inf.fresh(lead))
+    for v, s, t in zip(x.vars, x.sizes, shape[lead:]):
+        if s != t and s != 1:
+            raise Unsupported
+        out.append(v if s == t else inf.fresh(1)[0])
+    return Layout(tuple(out), shape, True)
+
+
+def split(inf: AxisInference, x: Any, sizes: Any, dim: Any) -> tuple[Layout, ...]:
+    """Pieces along one axis (of ``sizes`` each, or of the sizes listed): that axis picks
+    positions, so it is pinned; the pieces share every other axis."""
+    x = as_layout(x)
+    if not x.complete:
+        raise Unsupported
+    i = axis_index(x, dim)
+    if isinstance(sizes, (tuple, list)) and all(isinstance(s, int) for s in sizes):
+        count = len(sizes)
+    elif isinstance(sizes, int) and not isinstance(sizes, bool) and sizes > 0 and x.sizes[i] is not None:
+        count = max(-(-x.sizes[i] // sizes), 1)
+    else:
+        raise Unsupported
+    inf.pin_vars(x.vars[i : i + 1])
+    sizes_out = x.sizes[:i] + (None,) + x.sizes[i + 1 :]
+    return tuple(Layout(x.vars[:i] + inf.fresh(1) + x.vars[i + 1 :], sizes_out, True) for _ in range(count))
+
+
+def attention(inf: AxisInference, q: Any, k: Any, v: Any, mask: Any) -> Layout:
+    """Scaled dot-product attention, ``softmax(q @ k.mT * scale + mask) @ v`` over the last two
+    axes: the scores sum over q's and k's last axis, so permuting both alike changes nothing (the
+    default scale reads only its size), and v's last axis is the output's. Every other axis
+    (queries, keys, heads, batch) is pinned, and so is the mask: aligning them with the mask and
+    with a causal order is not proved."""
+    q, k, v = as_layout(q), as_layout(k), as_layout(v)
+    if not all(x.complete and len(x.vars) >= 2 for x in (q, k, v)):
+        raise Unsupported
+    inf.union(q.vars[-1], k.vars[-1])
+    inf.pin_vars(q.vars[:-1] + k.vars[:-1] + v.vars[:-1])
+    inf.pin(mask)
+    return Layout(inf.fresh(len(q.vars) - 1) + v.vars[-1:], q.sizes[:-1] + v.sizes[-1:], True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Which rule each call_function target and call_method name follows
 # --------------------------------------------------------------------------------------------------
@@ -385,6 +434,68 @@ def _pool_call(d: int, indices_at: int | None) -> FunctionRule:
     return rule
 
 
+def _expand_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    return expand(inf, args[0])
+
+
+def _split_call(inf: AxisInference, args: tuple, kwargs: dict) -> tuple[Layout, ...]:
+    """``split(x, split_size_or_sections, dim=0)`` (and ATen's ``split``, ``split_with_sizes``)."""
+    return split(inf, args[0], call_arg(args, kwargs, 1, "split_size"), call_arg(args, kwargs, 2, "dim", 0))
+
+
+def _attention_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``scaled_dot_product_attention(query, key, value, attn_mask=None, ...)``."""
+    q, k, v = (call_arg(args, kwargs, i, name) for i, name in enumerate(("query", "key", "value")))
+    return attention(inf, q, k, v, call_arg(args, kwargs, 3, "attn_mask"))
+
+
+def _constant_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """A new tensor whose entries do not depend on the operand's (``new_ones``, ``zeros_like``):
+    it ties nothing, and the result, a constant of the traced shape, is pinned."""
+    shape = inf.out_shape()
+    if shape is None:
+        raise Unsupported
+    return Layout(inf.fresh(len(shape)), shape, True)
+
+
+# ---- ATen operators (the graphs of torch.export) ---------------------------------------------------
+
+
+def _aten_embedding_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``aten.embedding(weight, indices, ...)``: the table first, unlike ``F.embedding``."""
+    return embedding(inf, call_arg(args, kwargs, 1, "indices"), args[0])
+
+
+def _aten_norm_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``aten.batch_norm`` and ``aten.instance_norm``: (input, weight, bias, running_mean,
+    running_var, ...), the per-channel vectors in another order than ``F.batch_norm``'s."""
+    return per_channel(inf, args[0], 1, *(call_arg(args, kwargs, i, n) for i, n in enumerate(
+        ("weight", "bias", "running_mean", "running_var"), 1)))
+
+
+def _slice_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``aten.slice(x, dim=0, start=None, end=None, step=1)``: the whole axis keeps it, as ``x[:]``."""
+    x = as_layout(args[0])
+    i = axis_index(x, call_arg(args, kwargs, 1, "dim", 0))
+    start, end, step = (call_arg(args, kwargs, j, name) for j, name in enumerate(("start", "end", "step"), 2))
+    whole = start in (None, 0) and step in (None, 1) and (
+        end is None or (isinstance(end, int) and x.sizes[i] is not None and end >= x.sizes[i])
+    )
+    return _index(inf, x, (slice(None),) * i + (slice(None) if whole else slice(start, end, step),))
+
+
+def _numpy_t_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``aten.numpy_T`` (``x.T``): every axis, in reverse order."""
+    return _reversed(args[0])
+
+
+def _select_call(inf: AxisInference, args: tuple, kwargs: dict) -> Layout:
+    """``aten.select(x, dim, index)``: ``x[..., index]`` along ``dim``."""
+    x = as_layout(args[0])
+    i = axis_index(x, call_arg(args, kwargs, 1, "dim"))
+    return _index(inf, x, (slice(None),) * i + (call_arg(args, kwargs, 2, "index"),))
+
+
 POINTWISE_FUNCTIONS = [
     *available(operator, "add sub mul truediv floordiv mod pow neg pos abs gt ge lt le iadd isub imul itruediv"),
     *available(torch, "add sub subtract mul multiply div divide true_divide neg abs exp exp2 expm1 log log1p "
@@ -416,6 +527,8 @@ FUNCTION_RULES: dict[Any, FunctionRule] = {
     torch.t: _t_call,
     operator.getitem: _getitem_call,
     getattr: _getattr_call,
+    torch.split: _split_call,
+    F.scaled_dot_product_attention: _attention_call,
     F.linear: _linear_call,
     F.embedding: _embedding_call,
     F.group_norm: _group_norm_call,
@@ -441,5 +554,54 @@ METHOD_RULES: dict[str, FunctionRule] = {
     **{name: _transpose_call for name in "transpose swapaxes".split()},
     "permute": _permute_call,
     "t": _t_call,
+    **{name: _expand_call for name in "expand expand_as".split()},
+    "split": _split_call,
 }
+
+_aten = torch.ops.aten
+
+ATEN_RULES: dict[Any, FunctionRule] = {
+    **{op: _pointwise_call for op in available(
+        _aten,
+        "add sub rsub mul div pow neg abs exp exp2 expm1 log log1p log2 sqrt rsqrt square reciprocal sign "
+        "sin cos tanh sigmoid relu relu6 gelu silu mish elu selu celu leaky_relu softplus hardtanh hardswish "
+        "hardsigmoid erf clamp clamp_min clamp_max clip maximum minimum where masked_fill dropout "
+        "softmax _softmax log_softmax _log_softmax layer_norm rms_norm eq ne lt le gt ge logical_not "
+        "logical_and logical_or bitwise_not bitwise_and bitwise_or __and__ __or__ "
+        "add_ sub_ mul_ div_ relu_ clamp_ sigmoid_ tanh_",
+    )},
+    **{op: _first_only for op in available(_aten, "alias clone contiguous detach to _to_copy type_as lift_fresh_copy")},
+    **{op: _static_call for op in available(_aten, "_assert_tensor_metadata sym_size sym_numel dim")},
+    **{op: _constant_call for op in available(
+        _aten, "new_ones new_zeros new_full new_empty zeros_like ones_like full_like empty_like"
+    )},
+    **{op: _reshape_call for op in available(_aten, "view _unsafe_view reshape flatten unflatten squeeze unsqueeze")},
+    **{op: _reduce_call for op in available(_aten, "sum mean amax amin logsumexp")},
+    **{op: _matmul_call for op in available(_aten, "matmul mm bmm")},
+    _aten.addmm: _addmm_call("mat1", "mat2"),
+    _aten.baddbmm: _addmm_call("batch1", "batch2"),
+    **{op: _transpose_call for op in available(_aten, "transpose swapaxes")},
+    _aten.permute: _permute_call,
+    _aten.t: _t_call,
+    _aten.numpy_T: _numpy_t_call,
+    _aten.expand: _expand_call,
+    **{op: _split_call for op in available(_aten, "split split_with_sizes")},
+    _aten.slice: _slice_call,
+    _aten.select: _select_call,
+    **{op: _cat_call for op in available(_aten, "cat concat")},
+    _aten.stack: _stack_call,
+    _aten.linear: _linear_call,
+    _aten.embedding: _aten_embedding_call,
+    _aten.scaled_dot_product_attention: _attention_call,
+    _aten.group_norm: _group_norm_call,
+    **{op: _aten_norm_call for op in available(_aten, "batch_norm instance_norm")},
+    **{op: _conv_call(d, False) for d, op in enumerate((_aten.conv1d, _aten.conv2d, _aten.conv3d), 1)},
+    **{op: _conv_call(d, True) for d in (1, 2, 3) for op in available(_aten, f"conv_transpose{d}d")},
+    **{op: _pool_call(d, None) for name in ("max_pool", "avg_pool", "adaptive_avg_pool")
+       for d in (1, 2, 3) for op in available(_aten, f"{name}{d}d")},
+}
+"""What each ATen operator (by packet: every overload, unless one has a row of its own) does, in
+the graphs of ``torch.export``. Most follow the rule of the torch function of the same name,
+whose arguments ATen lays out alike; embedding (the table first), the batch and instance norms
+(their vectors reordered), slice, select and numpy_T have rules of their own."""
 

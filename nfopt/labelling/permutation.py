@@ -33,10 +33,10 @@ from torch import nn
 from ..weight_space import Label, Permutation, TensorSpec, WeightSpaceSpec
 from .axes import AxisInference, Rules
 from .module_rules import MODULE_RULES
-from .op_rules import FUNCTION_RULES, METHOD_RULES
+from .op_rules import ATEN_RULES, FUNCTION_RULES, METHOD_RULES
 from .trace import as_tuple, leaves
 
-_RULES = Rules(FUNCTION_RULES, METHOD_RULES, MODULE_RULES)
+_RULES = Rules({**FUNCTION_RULES, **ATEN_RULES}, METHOD_RULES, MODULE_RULES)
 """What every function, method and module the inference understands does to axis variables."""
 
 # --------------------------------------------------------------------------------------------------
@@ -88,9 +88,10 @@ def label_model(model: nn.Module, example_inputs: tuple | torch.Tensor | None = 
     ``example_inputs`` (what ``model(*example_inputs)`` accepts) lets the inference propagate
     shapes; without them, whatever depends on a shape or on an axis counted from the front (a
     flatten, BatchNorm1d, GroupNorm) stays uncoupled. With them, the labels are those of inputs
-    shaped like the examples, and a model whose own forward cannot be traced is analysed
-    submodule by submodule. The model is run once in eval mode under ``no_grad``, and its state is
-    left as it was.
+    shaped like the examples, and a model whose own forward cannot be traced is exported with
+    ``torch.export`` and analysed whole from its ATen graph, or, if export fails too, submodule by
+    submodule. The model is run once in eval mode under ``no_grad`` (exported in eval and train
+    mode, which runs nothing), and its state is left as it was.
 
     Coupled: a Linear's or conv's output channels with its bias and whatever consumes them
     (kernel offsets fixed); BatchNorm, InstanceNorm, LayerNorm, RMSNorm, PReLU and GroupNorm with
@@ -135,8 +136,8 @@ def _warn_not_understood(model: nn.Module, inference: AxisInference, specs: Sequ
         parts.append(f"label_model does not understand {named(inference.not_understood)}; their tensors get "
                      "independent labels")
     if inference.split:
-        parts.append(f"label_model cannot trace {named(inference.split)} with torch.fx and labels their submodules "
-                     "apart, so nothing couples across those")
+        parts.append(f"label_model cannot trace {named(inference.split)} with torch.fx (nor export the model whole "
+                     "with torch.export) and labels their submodules apart, so nothing couples across those")
     shared = Counter(label for t in specs for label in t.axes if label is not None)
     alone = sum(1 for t in specs if all(label is None or shared[label] == 1 for label in t.axes))
     hint = " Passing example_inputs lets it follow shapes." if no_inputs else ""

@@ -2,7 +2,9 @@
 
 Both labellers read a model's structure from ``torch.fx`` graphs. :class:`Traces` turns a module
 into the graphs its eval and train modes compute (or says it cannot be traced);
-:func:`record_shapes` runs a graph on example inputs to learn what each node produces;
+:func:`exported_graphs` captures them with ``torch.export`` instead, for a model fx cannot trace
+(an ATen graph, with the shapes that :func:`exported_shapes` reads); :func:`record_shapes` runs
+a graph on example inputs to learn what each node produces;
 :func:`monitored_forward` runs a model whose own forward cannot be traced, to see which inputs
 its traceable parts receive and which parameters it touches outside them. The small helpers at
 the end read the calls and values these graphs hold.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -107,6 +111,44 @@ def _signature(gm: fx.GraphModule) -> str:
                                    if n.target in _MODE_FLAG_TARGETS else (n.args, n.kwargs)))
         for n in gm.graph.nodes
     ])
+
+
+def exported_graphs(model: nn.Module, inputs: tuple) -> list[fx.GraphModule] | None:
+    """The model's ATen graphs in eval and train mode as ``torch.export`` (non-strict) captures
+    them on the example inputs; None if export fails, or if a module has hooks (which the graph
+    may not show). Export reads what fx cannot (keyword arguments, loops over shapes), fixing the
+    inputs' shapes; its graphs read parameters and buffers by ``get_attr`` of the model's own
+    tensors. What export warns, logs and prints is silenced: a failure has a fallback, which says so."""
+    if any(has_hooks(m) for m in model.modules()):
+        return None
+    graphs = []
+    for training in (False, True):
+        try:
+            with _quiet(), _training(model, training):
+                graphs.append(torch.export.export(model, inputs, strict=False).module())
+        except Exception:  # export fails in many ways (data-dependent control flow, unsupported ops, ...)
+            return None
+    return graphs
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence warnings, logging and standard error (where export prints the partial graph of a
+    failure), restoring them after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def exported_shapes(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """What each node of an exported graph produces, as :func:`record_shapes` records it, read
+    from the values export leaves in the nodes' metadata (no run needed)."""
+    return {n: _shapes(n.meta.get("val")) for n in gm.graph.nodes}
 
 
 # --------------------------------------------------------------------------------------------------

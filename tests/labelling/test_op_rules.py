@@ -96,6 +96,23 @@ CASES: dict[str, tuple[Callable, dict, torch.Tensor, list[list[Axis]], list[Axis
         lambda m, x: hidden(m, x).to(x.dtype).contiguous().clone() @ m.w2.T,
         {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [[W1, W2]], [],
     ),
+    "split_along_the_batch_keeps_features": (
+        lambda m, x: torch.cat(hidden(m, x).split(2), dim=0) @ m.w2.T,
+        {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [[W1, W2]], [],
+    ),
+    "split_along_features_pins_them": (
+        lambda m, x: (lambda h: h[0] * h[1])(torch.split(hidden(m, x), 3, -1)) @ m.w2.T,
+        {"w1": (6, 5), "w2": (3, 3)}, randn(4, 5), [], [W1, W2],
+    ),
+    "expand_keeps_the_axes_it_does_not_widen": (
+        lambda m, x: hidden(m, x).unsqueeze(1).expand(4, 3, 6).mean(1) @ m.w2.T,
+        {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [[W1, W2]], [],
+    ),
+    "attention_contracts_queries_with_keys": (
+        lambda m, x: F.scaled_dot_product_attention(x @ m.wq.T, x @ m.wk.T, x @ m.wv.T, is_causal=True) @ m.wo.T,
+        {"wq": (4, 5), "wk": (4, 5), "wv": (6, 5), "wo": (3, 6)}, randn(2, 7, 5),
+        [[("wq", 0), ("wk", 0)], [("wv", 0), ("wo", 1)]], [("wq", 1), ("wk", 1), ("wv", 1), ("wo", 0)],
+    ),
     "unknown_operation_pins": (
         lambda m, x: torch.flip(hidden(m, x), [-1]) @ m.w2.T,
         {"w1": (6, 5), "w2": (3, 6)}, randn(4, 5), [], [W1, W2],

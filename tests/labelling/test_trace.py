@@ -14,6 +14,8 @@ from nfopt.labelling.trace import (
     as_tuple,
     available,
     call_arg,
+    exported_graphs,
+    exported_shapes,
     has_hooks,
     leaves,
     monitored_forward,
@@ -84,6 +86,30 @@ def test_a_hooked_root_is_not_traced() -> None:
     model.register_forward_pre_hook(lambda m, args: None)
     assert has_hooks(model) and not has_hooks(model[0])
     assert Traces().graphs(model) is None
+
+
+def test_export_gives_aten_graphs_of_both_modes_with_their_shapes() -> None:
+    model, x = ZOO["train_only_flip"]()
+    model.train()
+    graphs = exported_graphs(model, (x,))
+    assert graphs is not None and len(graphs) == 2
+    eval_graph, train_graph = (targets(gm) for gm in graphs)
+    aten = torch.ops.aten
+    assert aten.linear.default in eval_graph and aten.flip.default not in eval_graph
+    assert aten.flip.default in train_graph
+    assert model.training and all(m.training for m in model.modules())
+    shapes = {n.name: s for n, s in exported_shapes(graphs[0]).items()}
+    assert shapes["x"] == torch.Size([4, 5]) and shapes["fc1_weight"] == torch.Size([6, 5])
+    assert shapes["output"] is NONTENSOR
+
+
+def test_export_gives_no_graph_for_a_hooked_model_or_one_it_fails_on(capsys: pytest.CaptureFixture) -> None:
+    model, x = ZOO["untraceable_root"]()  # data-dependent control flow
+    assert exported_graphs(model, (x,)) is None
+    assert capsys.readouterr().err == ""  # export's account of the failure is not shown
+    model, x = ZOO["mlp2_tanh"]()
+    model[0].register_forward_hook(lambda m, args, out: None)
+    assert exported_graphs(model, (x,)) is None
 
 
 # ---- running graphs and models ------------------------------------------------------------------
