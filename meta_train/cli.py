@@ -67,8 +67,10 @@ def git_commit() -> str | None:
 def run(config: MetaConfig, resume: bool = False, command: str = "") -> dict[str, Any] | None:
     """Meta-train as ``config`` says, on every rank of the process group in the environment.
 
-    Returns the provenance written with the rule on rank 0, ``None`` on other ranks.
+    Returns the provenance written with the rule on rank 0, ``None`` on other ranks. Its commit
+    is the checkout's when the run starts (a commit made while it runs is not the code it ran).
     """
+    commit = git_commit()
     group, device = init_from_env(config.device)
     try:
         torch.set_num_threads(config.threads)
@@ -108,7 +110,7 @@ def run(config: MetaConfig, resume: bool = False, command: str = "") -> dict[str
             "inner_steps_per_s": trainer.counters["inner_steps"] / wall if wall > 0 else None,
             "wall_time_s": wall,
             "command": command,
-            "git_commit": git_commit(),
+            "git_commit": commit,
         }
         save_rule(trainer.rule, config.out, provenance=provenance)
         return provenance

@@ -39,14 +39,17 @@ def test_shipped_default_is_the_committed_config_meta_trained():
     assert rule.config == committed.rule
 
 
-def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path):
+def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path, monkeypatch):
     out = tmp_path / "rule.nfopt"
+    commits = iter(["at-start", "later"])  # the checkout's commit when asked first, then a later one
+    monkeypatch.setattr("meta_train.cli.git_commit", lambda: next(commits))
     main(["--config", SMOKE, "--set", "seed=3", "--out", str(out), "--log-dir", str(tmp_path / "tb")])
     rule = load_rule(out)
     prov = rule.provenance
     assert prov["meta_steps"] == 6 and prov["seed"] == 3 and prov["config"]["tasks_per_step"] == 2
     assert prov["inner_steps"] > 0 and prov["inner_steps_per_s"] > 0 and "--set seed=3" in prov["command"]
     assert set(prov) >= {"wall_time_s", "git_commit", "world_size", "skipped_steps", "dropped_tasks"}
+    assert prov["git_commit"] == "at-start", "the commit the run started from"
     training = torch.load(f"{out}.train.pt", weights_only=True)
     assert training["step"] == 6
     for k, v in rule.state_dict().items():
