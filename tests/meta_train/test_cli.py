@@ -35,7 +35,7 @@ def test_shipped_default_is_the_committed_config_meta_trained():
         k: v for k, v in committed.to_dict().items() if k not in where
     }
     assert prov["meta_trained"] is True and prov["meta_steps"] == committed.meta_steps
-    assert prov["skipped_steps"] == 0 and prov["world_size"] == 1
+    assert prov["skipped_steps"] == 0  # any world size: ranks share out each meta-step's tasks
     assert rule.config == committed.rule
 
 
