@@ -75,7 +75,8 @@ def compare_packages(old: ModuleType, model_name: str, timing: Timing = FULL) ->
     """Median ms per step of the old package's optimizer, the working tree's and Adam on
     ``model_name`` (fixed gradients)."""
     model, _ = _setup(MODELS[model_name], torch.device("cpu"))
-    fns = {"old": old.NFNOptimizer(model.parameters()).step, "new": NFNOptimizer(model.parameters()).step,
+    own_default = Path(old.__file__).parent / "default.nfopt"  # older revisions look theirs up under "nfopt"
+    fns = {"old": old.NFNOptimizer(model.parameters(), ckpt=own_default).step, "new": NFNOptimizer(model.parameters()).step,
            "adam": _adam(model, next(model.parameters())).step}
     return time_ms(fns, torch.device("cpu"), timing)
 

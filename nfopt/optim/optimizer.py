@@ -27,8 +27,9 @@ DEFAULT_CHECKPOINT = "default.nfopt"
 
 
 def default_checkpoint_path() -> Path:
-    """The meta-trained rule that ships inside the package."""
-    return Path(str(resources.files("nfopt") / DEFAULT_CHECKPOINT))
+    """The meta-trained rule that ships inside the package (this copy of it, under whatever name
+    it was imported)."""
+    return Path(str(resources.files(__name__.partition(".")[0]) / DEFAULT_CHECKPOINT))
 
 
 def _fingerprint(rule: LearnedUpdate) -> str:

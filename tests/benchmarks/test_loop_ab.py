@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,4 +33,6 @@ def test_a_revision_of_the_whole_package_steps_beside_the_working_tree(capsys) -
     loop_ab.main(["--old", "HEAD", "--package", "--models", "deep_narrow", "--quick"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("deep_narrow old ") and " new/old " in line
-    assert "nfopt_at_old" in sys.modules and sys.modules["nfopt_at_old"].NFNOptimizer is not NFNOptimizer
+    old = sys.modules.get("nfopt_at_old")
+    assert old is not None and old.NFNOptimizer is not NFNOptimizer
+    assert old.optim.default_checkpoint_path().parent == Path(old.__file__).parent, "the revision's own default rule"

@@ -4,14 +4,18 @@ input, the rule it steps with, and the labellings it accepts."""
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from benchmarks.costs import count_aten_ops
+import nfopt
 from nfopt import NFNOptimizer, label_model, label_monomial
 from nfopt.optim.features import FeatureConfig
 
@@ -73,6 +77,15 @@ def test_default_checkpoint_loads_and_trains():
     with torch.no_grad():
         final = nn.functional.cross_entropy(model(held_out[0]), held_out[1]).item()
     assert final < 0.5 * initial
+
+
+def test_a_copy_of_the_package_under_another_name_reads_its_own_default(tmp_path, monkeypatch):
+    """A vendored or side-by-side copy of the package loads the default rule beside it, not the
+    installed package's."""
+    shutil.copytree(Path(nfopt.__file__).parent, tmp_path / "nfopt_copy", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = importlib.import_module("nfopt_copy")
+    assert copy.optim.default_checkpoint_path() == tmp_path / "nfopt_copy" / "default.nfopt"
 
 
 def test_param_groups_and_scheduler_scale_the_learned_step():
