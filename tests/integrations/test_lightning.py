@@ -136,17 +136,18 @@ def epoch_means(losses: list[float]) -> tuple[float, float]:
 
 
 EPOCHS = 8
-FALL = 0.25
+FALL = 0.5
 """The last epoch's mean loss must be below this fraction of the first's. The shipped rule gets
-to 0.13 with bare parameters and 0.15 with ``for_model``; with lr=0 (no step at all) the ratio is
-exactly 1, and even lr=3e-4 (a sixth of the default) only gets to 0.85."""
+to 0.39 with bare parameters and 0.25 with ``for_model`` (Adam at 1e-3: 0.68; the three-pass rule
+it replaced: 0.13 and 0.15); with lr=0 (no step at all) the ratio is exactly 1, and lr=3e-4 (a
+sixth of the default) only gets to 0.92."""
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["bare", "for_model"])
 def test_lightning_fit_with_cosine_schedule_lowers_the_loss(tmp_path: Path, structured: bool) -> None:
     """Trained by Lightning with a per-step cosine schedule, the learned optimizer (on bare
     parameters, or labelled by ``for_model``) cuts the last epoch's mean training loss to under a
-    quarter of the first epoch's."""
+    half of the first epoch's."""
     model, t = fit(EPOCHS, tmp_path, structured=structured)
     assert t.global_step == len(model.losses) == EPOCHS * STEPS_PER_EPOCH
     first, last = epoch_means(model.losses)
