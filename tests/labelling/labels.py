@@ -1,6 +1,9 @@
-"""Reading permutation labellings in tests: the set of an axis, and the zoo's models labelled."""
+"""Reading permutation labellings in tests: the set of an axis, the zoo's models labelled, and nets
+built from a forward function."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +17,19 @@ TOL = 1e-10
 
 GENERATOR = torch.Generator().manual_seed(0)
 """The source of the tests' example inputs, so that every run sees the same ones."""
+
+
+class Net(nn.Module):
+    """Parameters of the given shapes, and a forward given as a function of the net and its input."""
+
+    def __init__(self, forward: Callable[[Net, torch.Tensor], torch.Tensor], **shapes: tuple[int, ...]) -> None:
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(*shape, dtype=torch.float64)))
+        self.compute = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute(self, x)
 
 
 def randn(*shape: int) -> torch.Tensor:

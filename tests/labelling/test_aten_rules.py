@@ -13,18 +13,12 @@ from torch import nn
 
 from nfopt.labelling.permutation import invariance_error, label_explicit, label_model
 
-from .labels import GENERATOR, TOL, Axis, assert_couplings, label_of, randn
+from .labels import GENERATOR, TOL, Axis, Net, assert_couplings, label_of, randn
 
 
-class Untraceable(nn.Module):
-    """Parameters of the given shapes and a forward given as a function of the net and its input,
-    behind a check on the input's rank: fx cannot trace it (a proxy in an ``assert``), export can."""
-
-    def __init__(self, forward: Callable[[Untraceable, torch.Tensor], torch.Tensor], **shapes: tuple[int, ...]) -> None:
-        super().__init__()
-        for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.randn(*shape, dtype=torch.float64)))
-        self.compute = forward
+class Untraceable(Net):
+    """A :class:`Net` behind a check on the input's rank: fx cannot trace it (a proxy in an
+    ``assert``), export can."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.dim() >= 2, "a batch of inputs"

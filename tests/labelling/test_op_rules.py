@@ -7,24 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nfopt.labelling.permutation import invariance_error, label_model
 
-from .labels import GENERATOR, TOL, Axis, assert_couplings, randn
-
-
-class Net(nn.Module):
-    """Parameters of the given shapes, and a forward given as a function of the net and its input."""
-
-    def __init__(self, forward: Callable[[Net, torch.Tensor], torch.Tensor], **shapes: tuple[int, ...]) -> None:
-        super().__init__()
-        for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.randn(*shape, dtype=torch.float64)))
-        self.compute = forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compute(self, x)
+from .labels import GENERATOR, TOL, Axis, Net, assert_couplings, randn
 
 
 def hidden(m: Net, x: torch.Tensor, name: str = "w1") -> torch.Tensor:
