@@ -151,6 +151,7 @@ class AxisInference:
         self.rules = rules
         self.traces = Traces()
         self._out_meta: Any = None
+        self.blocks: dict[int, int] = {}  # tensors whose first axis stacks blocks of one set
         self.not_understood: dict[int, nn.Module] = {}  # modules with parameters read as opaque
         self.split: dict[int, nn.Module] = {}  # untraceable modules with parameters, analysed by submodule
 
@@ -166,6 +167,12 @@ class AxisInference:
             return None
         shape = tuple(t.shape)
         return Layout(self.vars[id(t)] if id(t) in self.vars else self.fresh(len(shape)), shape, True)
+
+    def block(self, t: torch.Tensor, blocks: int) -> None:
+        """Read ``t``'s first axis as ``blocks`` blocks of one set (an LSTM's gates): its variable
+        stands for a block's neurons."""
+        if blocks > 1:
+            self.blocks[id(t)] = blocks
 
     def pin(self, value: Any) -> None:
         """Pin every variable of every layout in a (nested) value."""
@@ -355,7 +362,7 @@ class AxisInference:
                        for ax, v in enumerate(self.vars[id(t)]) if find(v) in classes}
             single = [ax for ax in range(t.dim()) if ax not in coupled][: MAX_LABELLED_AXES - len(coupled)]
             axes = tuple(coupled.get(ax, f"{name}:{ax}" if ax in single else None) for ax in range(t.dim()))
-            out.append(TensorSpec(tuple(t.shape), axes, name))
+            out.append(TensorSpec(tuple(t.shape), axes, name, self.blocks.get(id(t), 1) if 0 in coupled else 1))
         return tuple(out)
 
     def _coupled_classes(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[int, list[tuple[str, int, int]]]:
@@ -364,7 +371,8 @@ class AxisInference:
         for name, t in named:
             for ax, v in enumerate(self.vars[id(t)]):
                 if not self.sets.pinned(v):
-                    classes.setdefault(self.sets.find(v), []).append((name, ax, t.shape[ax]))
+                    size = t.shape[ax] // self.blocks.get(id(t), 1) if ax == 0 else t.shape[ax]
+                    classes.setdefault(self.sets.find(v), []).append((name, ax, size))
         return {root: axes for root, axes in classes.items() if len(axes) > 1}
 
 

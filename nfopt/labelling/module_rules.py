@@ -169,47 +169,56 @@ def _encoder(inf: AxisInference, m: nn.TransformerEncoder, args: tuple, kwargs: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _rnn(inf: AxisInference, m: nn.RNN, args: tuple, kwargs: dict) -> tuple:
-    """nn.RNN (tanh or ReLU): a layer's hidden neurons index the rows of its input weights and
-    biases, and both axes of its recurrent weights; they are the next layer's inputs and the
-    output's features. The final state h_n stacks every layer's hidden state along one axis, so
-    with several layers their sets are one (the same permutation for all: still a symmetry,
-    whatever reads h_n). A given initial state h_0 is read along the same axis and joins that set
-    (pinning it unless h_0 is permuted too). Bidirectional: see :func:`_recurrent_inputs`."""
-    if m.bidirectional:
+GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
+"""How many gate blocks a recurrent layer's input and recurrent weights stack along their rows."""
+
+
+def _rnn(inf: AxisInference, m: nn.RNNBase, args: tuple, kwargs: dict) -> tuple:
+    """nn.RNN (tanh or ReLU), nn.LSTM and nn.GRU: a layer's hidden neurons index the rows of its
+    input weights and biases (each gate's block of rows alike: LSTM 4, GRU 3), and both axes of its
+    recurrent weights; they are the next layer's inputs and the output's features. The final
+    state h_n (and an LSTM's c_n) stacks every layer's hidden state along one axis, so with several
+    layers their sets are one (the same permutation for all: still a symmetry, whatever reads
+    h_n). A given initial state is read along the same axis and joins that set (pinning it unless
+    it is permuted too). Bidirectional layers and an LSTM's projections: see
+    :func:`_recurrent_inputs`."""
+    if m.bidirectional or getattr(m, "proj_size", 0):
         return _recurrent_inputs(inf, m, args, kwargs)
+    gates = GATES[type(m)]
     x = as_layout(call_arg(args, kwargs, 0, "input"))
-    h0 = call_arg(args, kwargs, 1, "hx")
+    hx = call_arg(args, kwargs, 1, "hx")
     features = inf.dim(x, -1)[0]
     hidden = []
     for k in range(m.num_layers):
-        w_ih, w_hh = inf.tensor(getattr(m, f"weight_ih_l{k}")), inf.tensor(getattr(m, f"weight_hh_l{k}"))
-        h = inf.union(w_ih.vars[0], w_hh.vars[0])
-        h = inf.union(h, w_hh.vars[1])
-        if m.bias:
-            for name in (f"bias_ih_l{k}", f"bias_hh_l{k}"):
-                h = inf.union(h, inf.tensor(getattr(m, name)).vars[0])
-        inf.union(features, w_ih.vars[1])
+        w_ih, w_hh = (getattr(m, f"weight_{w}_l{k}") for w in ("ih", "hh"))
+        rows = [w_ih, w_hh, *((getattr(m, f"bias_{w}_l{k}") for w in ("ih", "hh")) if m.bias else ())]
+        for t in rows:
+            inf.block(t, gates)
+        h = reduce(inf.union, [inf.tensor(t).vars[0] for t in rows] + [inf.tensor(w_hh).vars[1]])
+        inf.union(features, inf.tensor(w_ih).vars[1])
         features = h
         hidden.append(h)
     state = reduce(inf.union, hidden)
-    if h0 is not None:
+    states = () if hx is None else tuple(hx) if isinstance(m, nn.LSTM) else (hx,)
+    for h0 in states:
         h0 = as_layout(h0)
         inf.union(state, inf.dim(h0, -1)[0])
         inf.pin(h0.lead(1))
     if m.num_layers > 1:
         hidden = [state] * m.num_layers
     lead = len(x.lead(1).vars)
-    out = Layout(inf.fresh(lead) + (hidden[-1],), (None,) * lead + (m.hidden_size,), x.complete)
-    h_n = Layout(inf.fresh(lead) + (state,), (None,) * lead + (m.hidden_size,), x.complete)
-    return out, h_n
+
+    def layout(v: int) -> Layout:
+        return Layout(inf.fresh(lead) + (v,), (None,) * lead + (m.hidden_size,), x.complete)
+
+    out, h_n = layout(hidden[-1]), layout(state)
+    return (out, (h_n, layout(state))) if isinstance(m, nn.LSTM) else (out, h_n)
 
 
 def _recurrent_inputs(inf: AxisInference, m: nn.RNNBase, args: tuple, kwargs: dict) -> tuple:
-    """LSTM, GRU and bidirectional RNNs: the input features index the first layer's input
-    weights' columns (of both directions); everything else stays pinned. Their hidden neurons
-    would be a fixed gate axis times a neuron set in one axis (LSTM, GRU), which no label
-    expresses, or two sets side by side in the output (bidirectional)."""
+    """Bidirectional recurrent layers and LSTMs with projections: the input features index the
+    first layer's input weights' columns (of both directions); everything else stays pinned. A
+    bidirectional layer's output holds two sets side by side, which no label expresses."""
     x = as_layout(call_arg(args, kwargs, 0, "input"))
     inf.pin((args[1:], {k: v for k, v in kwargs.items() if k != "input"}))
     inf.pin(x.lead(1))
@@ -251,8 +260,6 @@ MODULE_RULES: dict[type, ModuleRule] = {
     nn.MultiheadAttention: _attention,
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder,
-    nn.RNN: _rnn,
-    nn.LSTM: _recurrent_inputs,
-    nn.GRU: _recurrent_inputs,
+    **{cls: _rnn for cls in GATES},
 }
 """What each torch.nn leaf module (by exact type: a subclass may compute something else) does."""

@@ -37,7 +37,14 @@ from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
 from ..nn.layer import index
+from .blocks import Blocks
 from .fused import FusedPasses, FusedStep, library as fused_library
+
+
+@lru_cache(maxsize=256)
+def _split(spec: WeightSpaceSpec | MonomialSpec) -> WeightSpaceSpec | MonomialSpec:
+    """The space a rule reads for a space with blocked tensors (made once per space)."""
+    return spec.split_blocks()
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,16 @@ class LearnedUpdate(nn.Module):
         Returns new parameters, new statistics and, per tensor, a 0-d flag that is 0 where the
         gradient held a non-finite value: that tensor's parameters and statistics are left as
         they were (its gradient reads as zero and its other features come from the held, finite
-        statistics, so it cannot poison the pooled terms of others).
+        statistics, so it cannot poison the pooled terms of others). A blocked tensor
+        (:mod:`~nfopt.optim.blocks`) is read as its blocks; each block is held alone.
         """
+        blocks = Blocks.of(spec)
+        if blocks is not None:
+            lrs, weight_decays = (None if r is None else blocks.repeat(r) for r in (lrs, weight_decays))
+            new_params, new_states, oks = self(
+                _split(spec), blocks.split(params), blocks.split(grads), blocks.split_states(states), lrs, weight_decays
+            )
+            return blocks.join(new_params), blocks.join_states(new_states), [torch.stack(g).min() for g in blocks.groups(oks)]
         plan, lrs, weight_decays = self._plan(spec, len(params), lrs, weight_decays)
         buckets = [self._statistics(b, *_stacked(b, params, grads, states)) for b in plan.buckets]
         xs = [to_canonical(s.x, b.plan, lead=2) for b, s in zip(plan.buckets, buckets)]
@@ -145,8 +160,22 @@ class LearnedUpdate(nn.Module):
         per later NF-layer averages its input, and the last writes the parameters. On the CPU a
         compiled loop runs each pass (:mod:`nfopt.optim.fused`); elsewhere PyTorch ops do, whole
         for small buckets and in chunks of rows (:data:`CHUNK_ELEMENTS`) for large ones. Results
-        agree with :meth:`forward` to rounding (sums are taken in another order).
+        agree with :meth:`forward` to rounding (sums are taken in another order). A blocked
+        tensor's blocks are stepped as views of it and its statistics (its ``step`` holds one
+        count per block).
         """
+        blocks = Blocks.of(spec)
+        if blocks is not None:
+            blocks.count_per_block_(states)
+            parts = blocks.split_states(states)
+            views = [dict(part) for part in parts]
+            lrs, weight_decays = (None if r is None else blocks.repeat(r) for r in (lrs, weight_decays))
+            ok = self.step_(_split(spec), blocks.split(params), blocks.split(grads), parts, lrs, weight_decays)
+            for part, view in zip(parts, views):  # statistics the PyTorch path returned as new tensors
+                for k in STATISTICS:
+                    if part[k] is not view[k]:
+                        view[k].copy_(part[k])
+            return blocks.join_flags(ok)
         plan, lrs, weight_decays = self._plan(spec, len(params), lrs, weight_decays)
         first = self.nfn.layers[0]
         widths = [first.in_channels] + [layer.out_channels for layer in self.nfn.layers]

@@ -60,6 +60,12 @@ class MonomialSpec:
                 raise ValueError(f"neuron set {label!r}: unknown symmetry {symmetry!r}; expected one of {SYMMETRIES}")
             if symmetry != "perm":
                 by_set[label] = symmetry
+        blocked = [t.name or "?" for t in self.space.tensors if t.blocks > 1 and t.axes[0] in by_set]
+        if blocked:
+            raise ValueError(
+                f"tensor {blocked[0]}: the set of its blocked first axis is claimed to admit sign flips or "
+                "scalings, which act on its blocks differently (an LSTM's gates); it admits permutations only"
+            )
         object.__setattr__(self, "symmetries", tuple(by_set.items()))
         object.__setattr__(self, "_by_set", by_set)
         exponents = self.exponents
@@ -88,6 +94,14 @@ class MonomialSpec:
     def permutations_only(cls, space: WeightSpaceSpec) -> MonomialSpec:
         """The spec whose group is the permutation group of ``space``: no set admits more."""
         return cls(space)
+
+    def split_blocks(self) -> MonomialSpec:
+        """:meth:`WeightSpaceSpec.split_blocks`, with each block keeping its tensor's exponents."""
+        space = self.space.split_blocks()
+        if space is self.space:
+            return self
+        exponents = tuple(row for row, b in zip(self.exponents, self.space.blocks) for _ in range(b))
+        return MonomialSpec(space, self.symmetries, exponents)
 
     def only(self, *symmetries: str) -> MonomialSpec:
         """The spec keeping only these symmetries (e.g. ``"sign"``): a subgroup."""

@@ -5,6 +5,10 @@ A network's parameters are tensors. Every axis of every tensor carries a label: 
 (conv kernel offsets, whose order means something). A group element is one permutation per
 neuron set; it permutes every axis labelled with that set. A labelling is correct for a model
 when every permutation it allows leaves the model's function unchanged.
+
+A tensor's first axis may hold several *blocks* of its set's neurons one after another (an
+LSTM's four gates, a GRU's three): a permutation of the set permutes each block alike. NF-layers
+read such a tensor as its blocks, tensors of their own (:meth:`WeightSpaceSpec.split_blocks`).
 """
 
 from __future__ import annotations
@@ -53,15 +57,27 @@ AXIS_TYPES: tuple[tuple[Kind, int], ...] = tuple((k, a) for k in KINDS for a in 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """The shape of one tensor and the label of each of its axes."""
+    """The shape of one tensor and the label of each of its axes.
+
+    ``blocks``: how many blocks of its set's neurons the first axis holds, one after another (an
+    LSTM's gates: block i of an axis of size 4·n is gate i); 1 for a plain axis.
+    """
 
     shape: tuple[int, ...]
     axes: tuple[Label, ...]
     name: str = ""
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "axes", tuple(self.axes))
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ValueError(f"tensor {self.name or '?'}: blocks must be a positive int, got {self.blocks!r}")
+        if self.blocks > 1 and not (self.shape and self.axes and self.axes[0] is not None and self.shape[0] % self.blocks == 0):
+            raise ValueError(
+                f"tensor {self.name or '?'} of shape {self.shape}: {self.blocks} blocks need a labelled first "
+                f"axis whose size they divide"
+            )
         if len(self.shape) != len(self.axes):
             raise ValueError(
                 f"tensor {self.name or '?'}: {len(self.axes)} axis labels for a tensor of shape "
@@ -83,7 +99,27 @@ class TensorSpec:
 
     @property
     def kind(self) -> Kind:
+        self._check_unblocked()
         return Kind(len(self.labelled_axes), bool(self.fixed_axes))
+
+    def set_size(self, axis: int) -> int:
+        """The size of the neuron set (or fixed range) that indexes ``axis``: a block's, on a
+        blocked first axis."""
+        return self.shape[axis] // self.blocks if axis == 0 else self.shape[axis]
+
+    def split(self) -> tuple[TensorSpec, ...]:
+        """The tensor's blocks, as tensors of their own (itself when it has one)."""
+        if self.blocks == 1:
+            return (self,)
+        shape = (self.shape[0] // self.blocks, *self.shape[1:])
+        return tuple(TensorSpec(shape, self.axes, f"{self.name}[{i}]") for i in range(self.blocks))
+
+    def _check_unblocked(self) -> None:
+        if self.blocks > 1:
+            raise ValueError(
+                f"tensor {self.name or '?'}: its first axis holds {self.blocks} blocks; NF-layers read "
+                "the blocks as tensors of their own (WeightSpaceSpec.split_blocks)"
+            )
 
     @property
     def numel(self) -> int:
@@ -104,6 +140,7 @@ class TensorSpec:
 
     def canonical_shape(self) -> tuple[int, ...]:
         """Shape in the canonical layout of :class:`Kind`."""
+        self._check_unblocked()
         out = [self.shape[i] for i in self.labelled_axes]
         if self.fixed_axes:
             fixed = 1
@@ -139,7 +176,7 @@ class WeightSpaceSpec:
             for ax, label in enumerate(t.axes):
                 if label is None:
                     continue
-                n = t.shape[ax]
+                n = t.set_size(ax)
                 if label in sizes and sizes[label] != n:
                     raise ValueError(
                         f"neuron set {label!r} has size {sizes[label]} on {owner[label]} but size {n} "
@@ -178,9 +215,26 @@ class WeightSpaceSpec:
             if space.components is not None:
                 raise ValueError("a batch of weight spaces cannot hold another batch")
             for t in space.tensors:
-                tensors.append(TensorSpec(t.shape, tuple(None if a is None else (k, a) for a in t.axes), f"{k}.{t.name}"))
+                axes = tuple(None if a is None else (k, a) for a in t.axes)
+                tensors.append(TensorSpec(t.shape, axes, f"{k}.{t.name}", t.blocks))
                 components.append(k)
         return cls(tuple(tensors), tuple(components))
+
+    @cached_property
+    def blocks(self) -> tuple[int, ...]:
+        """Each tensor's number of blocks (1 for a plain tensor)."""
+        return tuple(t.blocks for t in self.tensors)
+
+    def split_blocks(self) -> WeightSpaceSpec:
+        """The space with each blocked tensor replaced by its blocks, in order (itself when no
+        tensor is blocked): what an NF-layer reads, since a block is a tensor like any other."""
+        if all(b == 1 for b in self.blocks):
+            return self
+        tensors = tuple(part for t in self.tensors for part in t.split())
+        components = None if self.components is None else tuple(
+            c for c, b in zip(self.components, self.blocks) for _ in range(b)
+        )
+        return WeightSpaceSpec(tensors, components)
 
     @cached_property
     def set_members(self) -> dict[Label, tuple[tuple[int, int], ...]]:
@@ -228,9 +282,16 @@ class WeightSpaceSpec:
         for x, t in zip(tensors, self.tensors):
             for ax, label in enumerate(t.axes):
                 if label is not None and label in perm:
-                    x = x.index_select(ax + leading, perm[label].to(x.device))
+                    x = x.index_select(ax + leading, _blockwise(perm[label], t.blocks if ax == 0 else 1).to(x.device))
             out.append(x)
         return out
+
+
+def _blockwise(perm: torch.Tensor, blocks: int) -> torch.Tensor:
+    """A permutation of ``n`` neurons applied to each of ``blocks`` blocks of them in a row."""
+    if blocks == 1:
+        return perm
+    return (perm + len(perm) * torch.arange(blocks)[:, None]).reshape(-1)
 
 
 def inverse_permutation(perm: Permutation) -> dict[Label, torch.Tensor]:

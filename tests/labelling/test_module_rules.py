@@ -11,7 +11,7 @@ from torch import nn
 
 from nfopt.labelling.permutation import invariance_error, label_model
 
-from .labels import TOL, Axis, assert_couplings, randn
+from .labels import TOL, Axis, assert_couplings, label_of, randn
 
 
 class FlippingLinear(nn.Linear):
@@ -86,16 +86,22 @@ class Recurrent(nn.Module):
 
 
 class Gated(nn.Module):
-    """An LSTM or GRU (``kind``) between a Linear and a head."""
+    """An LSTM or GRU (``kind``) of two layers between a Linear and a head, started from zeros or
+    from a given initial state."""
 
-    def __init__(self, kind: type[nn.RNNBase], bidirectional: bool = False) -> None:
+    def __init__(self, kind: type[nn.RNNBase], bidirectional: bool = False, given_state: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(5, 6)
         self.rnn = kind(6, 4, num_layers=2, batch_first=True, bidirectional=bidirectional)
         self.head = nn.Linear(8 if bidirectional else 4, 3)
+        self.given_state = given_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(torch.tanh(self.inp(x)))[0][:, -1])
+        x = torch.tanh(self.inp(x))
+        if self.given_state:
+            h = torch.ones(2, x.shape[0], 4, dtype=x.dtype)
+            return self.head(self.rnn(x, (h, h) if isinstance(self.rnn, nn.LSTM) else h)[0][:, -1])
+        return self.head(self.rnn(x)[0][:, -1])
 
 
 def _rnn_axes(layer: int) -> list[Axis]:
@@ -170,14 +176,29 @@ CASES: dict[str, tuple[Callable[[], nn.Module], torch.Tensor, list[list[Axis]], 
         [*_rnn_axes(0), ("rnn.weight_ih_l0", 1), ("rnn.weight_ih_l0_reverse", 1), ("head.weight", 1)],
     ),
     **{
-        f"{kind.__name__.lower()}{'_bidirectional' if both else ''}_couples_its_inputs_only": (
-            lambda kind=kind, both=both: Gated(kind, both), randn(2, 4, 5),
-            [[("inp.weight", 0), ("inp.bias", 0), ("rnn.weight_ih_l0", 1),
-              *([("rnn.weight_ih_l0_reverse", 1)] if both else [])]],
+        f"{kind.__name__.lower()}_couples_its_gate_blocks": (
+            lambda kind=kind: Gated(kind), randn(2, 4, 5),
+            [[("inp.weight", 0), ("inp.bias", 0), ("rnn.weight_ih_l0", 1)],
+             [*_rnn_axes(0), *_rnn_axes(1), ("rnn.weight_ih_l1", 1), ("head.weight", 1)]],
+            [],
+        )
+        for kind in (nn.LSTM, nn.GRU)
+    },
+    **{
+        f"{kind.__name__.lower()}_from_a_given_initial_state_pins": (
+            lambda kind=kind: Gated(kind, given_state=True), randn(2, 4, 5),
+            [[("inp.weight", 0), ("inp.bias", 0), ("rnn.weight_ih_l0", 1)]], [*_rnn_axes(0), ("head.weight", 1)],
+        )
+        for kind in (nn.LSTM, nn.GRU)
+    },
+    **{
+        f"{kind.__name__.lower()}_bidirectional_couples_its_inputs_only": (
+            lambda kind=kind: Gated(kind, bidirectional=True), randn(2, 4, 5),
+            [[("inp.weight", 0), ("inp.bias", 0), ("rnn.weight_ih_l0", 1), ("rnn.weight_ih_l0_reverse", 1)]],
             [("rnn.weight_ih_l0", 0), ("rnn.weight_hh_l0", 0), ("rnn.weight_hh_l0", 1), ("rnn.weight_ih_l1", 1),
              ("head.weight", 1)],
         )
-        for kind in (nn.LSTM, nn.GRU) for both in (False, True)
+        for kind in (nn.LSTM, nn.GRU)
     },
     "encoder_layer_with_a_mixing_activation": (
         Encoder, randn(2, 4, 3),
@@ -199,3 +220,18 @@ def test_rule_couples_what_it_proves(case: str) -> None:
     lab = label_model(model, (x,))
     assert_couplings(lab, groups, alone, what=case)
     assert invariance_error(model, lab, (x,), generator=torch.Generator().manual_seed(0)) < TOL
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_weights_are_read_as_gate_blocks(kind: type[nn.RNNBase]) -> None:
+    """The rows of an LSTM's (GRU's) input and recurrent weights and biases are 4 (3) blocks of the
+    hidden set, an RNN's one; the recurrent weights' columns and other tensors are not blocked."""
+    lab = label_model((Gated(kind) if kind is not nn.RNN else Recurrent()).double(), (randn(2, 4, 5),))
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[kind]
+    blocks = {t.name: t.blocks for t in lab.params.tensors}
+    assert {n: b for n, b in blocks.items() if n.startswith("rnn.")} == {
+        n: gates for n in blocks if n.startswith("rnn.")
+    }
+    assert all(b == 1 for n, b in blocks.items() if not n.startswith("rnn."))
+    model_hidden = 6 if kind is nn.RNN else 4
+    assert lab.params.set_sizes[label_of(lab, "rnn.weight_ih_l0", 0)] == model_hidden

@@ -53,6 +53,18 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[1][-1])
 
 
+class Gated(nn.Module):
+    """An LSTM or GRU of two layers read at its last step: weights whose rows are gate blocks."""
+
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(5, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)), (16, 5)),
     "cnn_bn": (
@@ -69,6 +81,8 @@ MODELS = {
     "residual": (lambda: Residual(6), (16, 5)),
     "transformer": (TransformerBlock, (8, 4, 5)),
     "rnn": (Recurrent, (8, 4, 5)),
+    "lstm": (lambda: Gated(nn.LSTM), (8, 4, 5)),
+    "gru": (lambda: Gated(nn.GRU), (8, 4, 5)),
 }
 
 

@@ -11,6 +11,16 @@ from nfopt.weight_space import TensorSpec, WeightSpaceSpec
 from ..weight_spaces import mlp_spec, monomial_cnn_spec, monomial_mlp_spec, random_features, random_monomial_spec
 
 
+def test_a_blocked_set_admits_permutations_only():
+    """Sign flips of an LSTM's hidden neurons act on its gate blocks differently (the tanh gate
+    flips, the sigmoid gates do not), which exponents per axis cannot say: such a claim is refused."""
+    space = WeightSpaceSpec((TensorSpec((8, 3), ("h", "in"), "w", blocks=4), TensorSpec((5, 2), ("out", "h"), "v")))
+    with pytest.raises(ValueError, match="tensor w: the set of its blocked first axis"):
+        MonomialSpec(space, (("h", "sign"),))
+    signed = MonomialSpec(space, (("in", "sign"),), ((1, -1), (1, 1)))
+    assert signed.split_blocks().exponents == ((1, -1),) * 4 + ((1, 1),)
+
+
 def test_bad_specs_say_what_is_wrong():
     space = mlp_spec([3, 4, 2])
     with pytest.raises(ValueError, match="not in the weight space"):

@@ -116,6 +116,27 @@ def test_permute_moves_every_axis_of_a_set_and_nothing_else():
     assert torch.equal(inverse_permutation({"h": p})["h"], torch.tensor([1, 2, 0]))
 
 
+def test_a_blocked_axis_holds_its_set_once_per_block():
+    """An LSTM-like weight: its rows are 4 blocks of the set h; a permutation of h moves the rows
+    of every block alike, and the set's size is a block's."""
+    spec = WeightSpaceSpec((TensorSpec((8, 3), ("h", "in"), "w", blocks=4), TensorSpec((5, 2), ("out", "h"), "v")))
+    assert spec.set_sizes == {"h": 2, "in": 3, "out": 5}
+    w, v = torch.randn(8, 3), torch.randn(5, 2)
+    p = torch.tensor([1, 0])
+    pw, pv = spec.permute([w, v], {"h": p})
+    assert torch.equal(pw, w.reshape(4, 2, 3)[:, p].reshape(8, 3)) and torch.equal(pv, v[:, p])
+    assert WeightSpaceSpec.batch([spec]).tensors[0].blocks == 4
+    assert spec.split_blocks().tensors[:4] == tuple(TensorSpec((2, 3), ("h", "in"), f"w[{i}]") for i in range(4))
+    with pytest.raises(ValueError, match="holds 4 blocks; NF-layers read the blocks as tensors of their own"):
+        spec.tensors[0].kind
+    with pytest.raises(ValueError, match="3 blocks need a labelled first axis whose size they divide"):
+        TensorSpec((8, 3), ("h", "in"), "w", blocks=3)
+    with pytest.raises(ValueError, match="2 blocks need a labelled first axis"):
+        TensorSpec((8, 3), (None, "in"), "w", blocks=2)
+    with pytest.raises(ValueError, match="blocks must be a positive int"):
+        TensorSpec((8, 3), ("h", "in"), "w", blocks=0)
+
+
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_random_permutation_is_one_permutation_per_set(name):
     spec = SPACES[name]
