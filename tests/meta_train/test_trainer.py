@@ -66,8 +66,8 @@ def poison(monkeypatch, slots: set[int]) -> None:
     """Make the meta-loss of the given slots' unrolls NaN (their inner training goes on)."""
     unroll = trainer_module.unroll_together
 
-    def patched(runs, rule, length, first_order, eps):
-        results = unroll(runs, rule, length, first_order, eps)
+    def patched(runs, rule, length, first_order, eps, val_weight):
+        results = unroll(runs, rule, length, first_order, eps, val_weight)
         return [(m * float("nan") if slot in slots else m, info) for slot, (m, info) in enumerate(results)]
 
     monkeypatch.setattr(trainer_module, "unroll_together", patched)
