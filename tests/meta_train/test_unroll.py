@@ -207,13 +207,17 @@ def test_validation_weight_one_is_the_mean_log_held_out_loss():
 
 def test_half_validation_weight_mixes_the_terms_and_changes_the_meta_gradient():
     rule = open_rule(std=0.1)
-    runs = {w: InnerRun.start(TEACHER, rule.config.features, holdout=True) for w in (0.0, 0.5)}
+    runs = {w: InnerRun.start(TEACHER, rule.config.features, holdout=True) for w in (0.0, 0.25, 0.5)}
     out = {w: meta_grads_at(rule, run, w) for w, run in runs.items()}
     (loss0, _, grads0), (loss5, info, grads5) = out[0.0], out[0.5]
     torch.testing.assert_close(loss5.detach(), 0.5 * info["log_train_loss"] + 0.5 * info["log_val_loss"])
+    loss25, info25, _ = out[0.25]
+    torch.testing.assert_close(loss25.detach(), 0.75 * info25["log_train_loss"] + 0.25 * info25["log_val_loss"])
+    assert info25["log_train_loss"] != info25["log_val_loss"]
     torch.testing.assert_close(loss0.detach(), info["log_train_loss"])  # the same training trajectory
     assert torch.isfinite(grads5).all() and grads5.abs().sum() > 0
     assert not torch.allclose(grads0, grads5, rtol=1e-3, atol=0)
+    assert not torch.allclose(0.5 * grads0, grads5, rtol=1e-3, atol=0)  # the held-out term has a gradient
 
 
 def meta_grads_at(rule, run: InnerRun, val_weight: float):
