@@ -15,7 +15,8 @@ SUMMED = ("inner_steps", "tasks_drawn", "dropped_tasks", "skipped")
 class Monitor:
     """A tqdm bar over meta-steps and, with a ``log_dir``, TensorBoard scalars every ``log_every`` steps.
 
-    Scalars are the means over the steps since the last write (of the finite values: a step
+    Scalars (every statistic of the step, so the held-out meta-loss term ``log_val_loss`` too
+    when there is one) are the means over the steps since the last write (of the finite values: a step
     with no finite task has no meta-loss), the totals of :data:`SUMMED`, and inner steps per
     second (all ranks together) over that stretch of wall time. ``enabled=False`` (ranks other
     than 0) makes every method a no-op.
@@ -51,8 +52,13 @@ class Monitor:
         for key in SUMMED:
             scalars[key] = self._sums.get(key, (0.0, 0))[0]
         scalars["inner_steps_per_s"] = scalars.pop("inner_steps") / (now - self._since)
+        held_out = {}  # the meta-loss's two terms, when it has a held-out one
+        if "log_val_loss" in scalars:
+            held_out = {"log_train": f"{scalars.get('log_train_loss', math.nan):.3f}",
+                        "log_val": f"{scalars['log_val_loss']:.3f}"}
         self.bar.set_postfix(
             meta_loss=f"{scalars.get('meta_loss', math.nan):.3f}",
+            **held_out,
             inner_loss=f"{scalars.get('inner_loss', math.nan):.3g}",
             steps_per_s=f"{scalars['inner_steps_per_s']:.0f}",
         )

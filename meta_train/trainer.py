@@ -51,7 +51,11 @@ class MetaConfig:
     ``tasks_per_step``: tasks per meta-step over all processes (a multiple of their number).
     ``horizon_min``/``horizon_max``: inner horizons T are drawn log-uniformly from this range.
     ``first_order``: inner gradients are treated as constants of the rule (cheaper, biased).
-    ``loss_eps``: added to the inner loss inside the meta-loss's log. ``rule``: the update rule
+    ``loss_eps``: added to the inner loss inside the meta-loss's log. ``val_weight`` w in [0, 1]:
+    the weight of the held-out loss in the meta-loss, ``(1 - w)·log(train loss + eps) +
+    w·log(held-out loss + eps)`` per inner step; w > 0 holds out a validation split of every
+    task's training rows (:mod:`meta_train.unroll`), w = 0 trains on them all with the training
+    loss alone. ``rule``: the update rule
     meta-trained (its initial weights come from ``seed``). ``activation``: if not empty, every
     task uses this activation (a narrower distribution, for experiments).
     ``threads``: intra-op threads per process (one per process is fastest for these small tasks;
@@ -69,6 +73,7 @@ class MetaConfig:
     clip: float = 1.0
     first_order: bool = False
     loss_eps: float = LOSS_EPS
+    val_weight: float = 0.0
     activation: str = ""
     rule: UpdateConfig = UpdateConfig()
     device: str = "cpu"
@@ -102,6 +107,8 @@ class MetaConfig:
             raise ValueError(
                 f"meta_lr, clip and loss_eps must be positive, got {self.meta_lr}, {self.clip}, {self.loss_eps}"
             )
+        if not 0.0 <= self.val_weight <= 1.0:
+            raise ValueError(f"val_weight must be in [0, 1], got {self.val_weight}")
         if self.activation and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be empty or one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.device not in ("cpu", "cuda"):
@@ -207,7 +214,8 @@ class MetaTrainer:
         run = self.runs[i]
         drawn = 0
         while run is None or run.done:
-            run = InnerRun.start(self.task_config(self.slots[i], self.draws[i]), self.rule.config.features, self.device)
+            run = InnerRun.start(self.task_config(self.slots[i], self.draws[i]), self.rule.config.features, self.device,
+                                 holdout=self.config.val_weight > 0)
             self.draws[i] += 1
             drawn += 1
         self.runs[i] = run
@@ -240,20 +248,24 @@ class MetaTrainer:
         """One truncation of every slot and one meta-update; returns this step's statistics (all ranks).
 
         Statistics: ``meta_loss`` and ``inner_loss`` (means over the finite tasks of all ranks;
-        NaN when there were none), ``grad_norm`` (before clipping), ``inner_steps``,
+        NaN when there were none); with ``val_weight`` > 0 also, so averaged, the meta-loss's
+        terms ``log_train_loss`` and ``log_val_loss`` (mean log training and held-out loss) and
+        ``val_loss`` (the mean held-out loss); ``grad_norm`` (before clipping), ``inner_steps``,
         ``tasks_drawn``, ``dropped_tasks``, ``skipped`` (1 when the update was skipped), and
         the rule's ``alpha``, ``beta``, ``gamma`` after the update.
         """
         cfg = self.config
         grad_sum = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float64, device=self.device)
-        keys = ("finite_tasks", "meta_loss", "inner_loss", "inner_steps", "tasks_drawn", "dropped_tasks")
+        held_out = cfg.val_weight > 0
+        averaged = ("meta_loss", "inner_loss", *(("log_train_loss", "log_val_loss", "val_loss") if held_out else ()))
+        keys = ("finite_tasks", *averaged, "inner_steps", "tasks_drawn", "dropped_tasks")
         local = dict.fromkeys(keys, 0.0)
         runs = []
         for i in range(len(self.runs)):
             run, drawn = self._run(i)
             runs.append(run)
             local["tasks_drawn"] += drawn
-        results = unroll_together(runs, self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps)
+        results = unroll_together(runs, self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps, cfg.val_weight)
         finite = [(meta_loss, info) for meta_loss, info in results if torch.isfinite(meta_loss)]
         for _, info in results:
             local["inner_steps"] += info["steps"]
@@ -265,6 +277,10 @@ class MetaTrainer:
                 local["finite_tasks"] += 1
                 local["meta_loss"] += meta_loss.item()
                 local["inner_loss"] += info["losses"].mean().item()
+                if held_out:
+                    local["log_train_loss"] += info["log_train_loss"].item()
+                    local["log_val_loss"] += info["log_val_loss"].item()
+                    local["val_loss"] += info["val_losses"].mean().item()
         local["dropped_tasks"] += len(results) - local["finite_tasks"]
         # One all-reduce carries the gradient sum and the statistics of every rank.
         packet = self.group.all_reduce_sum(torch.cat([grad_sum, grad_sum.new_tensor(list(local.values()))]))
@@ -290,8 +306,7 @@ class MetaTrainer:
         nan = float("nan")
         return {
             **total,
-            "meta_loss": total["meta_loss"] / finite if finite else nan,
-            "inner_loss": total["inner_loss"] / finite if finite else nan,
+            **{key: total[key] / finite if finite else nan for key in averaged},
             "grad_norm": grad_norm,
             "skipped": float(skipped),
             "alpha": alpha,

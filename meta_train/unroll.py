@@ -13,6 +13,14 @@ Each inner step evaluates the loss once: the forward pass at the new parameters 
 the meta-loss and the gradient of the next step (the last one is carried to the next truncation,
 so a truncation of K steps costs K forward/backward passes of the task, plus one at the start of
 a task).
+
+With a validation weight w > 0 the meta-loss rewards generalisation: each step's term is
+``(1 - w)·log(train loss + eps) + w·log(held-out loss + eps)``, the held-out loss being the
+task's loss in eval mode on a batch of its validation split (as large as a training batch, from
+a generator stream of its own) at the parameters after the step. The runs must then be started
+with ``holdout=True``, so that their training batches never draw those rows. It costs one
+forward pass of the task per inner step (and its backward in the meta-gradient); at w = 0 none
+is computed and the meta-loss is the training term alone, as before.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ class InnerRun:
     """One task in training: its parameters, buffers, optimizer statistics, step and batch generator.
 
     Everything it holds is detached. ``grads`` and ``loss`` are the gradient and loss at
-    ``params`` on the last batch drawn: the input of the next step.
+    ``params`` on the last batch drawn: the input of the next step. ``val_generator`` draws the
+    validation batches of a task built with ``holdout`` (``None`` otherwise).
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class InnerRun:
         step: int,
         data_generator: torch.Generator,
         diverged: bool = False,
+        val_generator: torch.Generator | None = None,
     ) -> None:
         self.task = task
         self.names = tuple(name for name, _ in task.model.named_parameters())
@@ -82,11 +92,15 @@ class InnerRun:
         self.step = step
         self.data_generator = data_generator
         self.diverged = diverged
+        self.val_generator = val_generator
 
     @classmethod
-    def start(cls, config: TaskConfig, features: FeatureConfig, device: torch.device | str = "cpu") -> InnerRun:
-        """A task at its seeded initialisation, with the gradient of its first batch."""
-        task = Task(config, device)
+    def start(
+        cls, config: TaskConfig, features: FeatureConfig, device: torch.device | str = "cpu", holdout: bool = False
+    ) -> InnerRun:
+        """A task at its seeded initialisation, with the gradient of its first batch; ``holdout``
+        keeps its validation split out of training (:class:`Task`) for a held-out meta-loss."""
+        task = Task(config, device, holdout=holdout)
         names = [name for name, _ in task.model.named_parameters()]
         init = task.init_params(task.generator("init"))
         leaves = [init[name].detach().requires_grad_() for name in names]
@@ -96,7 +110,9 @@ class InnerRun:
         params = [p.detach() for p in leaves]
         states = [init_state(p, features) for p in params]
         loss = loss.detach()
-        return cls(task, params, buffers, states, grads, loss, 0, data_generator, not bool(torch.isfinite(loss)))
+        val_generator = task.generator("val") if holdout else None
+        return cls(task, params, buffers, states, grads, loss, 0, data_generator, not bool(torch.isfinite(loss)),
+                   val_generator)
 
     @property
     def horizon(self) -> int:
@@ -108,17 +124,20 @@ class InnerRun:
         return self.diverged or self.step >= self.horizon
 
     def unroll(
-        self, rule: LearnedUpdate, length: int, first_order: bool, eps: float = LOSS_EPS
+        self, rule: LearnedUpdate, length: int, first_order: bool, eps: float = LOSS_EPS, val_weight: float = 0.0
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Train ``length`` steps (fewer if the horizon comes first); return the meta-loss and info.
 
         ``first_order`` computes inner gradients without a graph (the meta-gradient ignores how
         the rule's steps change later gradients: cheaper, biased); otherwise the graph of each
         inner gradient is kept (``create_graph``) and the meta-gradient is exact for the
-        truncation. ``info`` holds ``losses`` (the detached inner losses of the unroll, a 1-d
-        tensor) and ``steps``. :func:`unroll_together` does this for several runs at once.
+        truncation. ``val_weight`` w weighs in the held-out loss (see the module's doc; the run
+        must have been started with ``holdout``). ``info`` holds ``losses`` (the detached inner
+        losses of the unroll, a 1-d tensor) and ``steps``; with w > 0 also ``val_losses`` (the
+        held-out losses) and ``log_train_loss`` and ``log_val_loss``, the two terms of the
+        meta-loss (detached). :func:`unroll_together` does this for several runs at once.
         """
-        return unroll_together([self], rule, length, first_order, eps)[0]
+        return unroll_together([self], rule, length, first_order, eps, val_weight)[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly, as tensors and plain values (CPU)."""
@@ -132,6 +151,8 @@ class InnerRun:
             "step": self.step,
             "data_generator": self.data_generator.get_state(),
             "diverged": self.diverged,
+            "holdout": self.task.holdout,
+            "val_generator": None if self.val_generator is None else self.val_generator.get_state(),
         }
 
     @classmethod
@@ -139,8 +160,12 @@ class InnerRun:
         """The run that :meth:`state_dict` saved, on ``device``."""
         generator = torch.Generator()
         generator.set_state(state["data_generator"])
+        val_generator = None
+        if state.get("val_generator") is not None:
+            val_generator = torch.Generator()
+            val_generator.set_state(state["val_generator"])
         return cls(
-            Task(TaskConfig.from_dict(state["task"]), device),
+            Task(TaskConfig.from_dict(state["task"]), device, holdout=state.get("holdout", False)),
             [p.to(device) for p in state["params"]],
             {k: b.to(device) for k, b in state["buffers"].items()},
             [{k: v.to(device) for k, v in s.items()} for s in state["states"]],
@@ -149,24 +174,35 @@ class InnerRun:
             state["step"],
             generator,
             state["diverged"],
+            val_generator,
         )
 
 
 def unroll_together(
-    runs: list[InnerRun], rule: LearnedUpdate, length: int, first_order: bool, eps: float = LOSS_EPS
+    runs: list[InnerRun],
+    rule: LearnedUpdate,
+    length: int,
+    first_order: bool,
+    eps: float = LOSS_EPS,
+    val_weight: float = 0.0,
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """:meth:`InnerRun.unroll` of every run, their steps taken by one rule call per inner step on
     the batch of their weight spaces (:func:`nfopt.weight_space.batch`: what the rule computes
     for each is what it computes for it alone, so the runs stay independent; a run that reaches
     its horizon drops out of the later calls). One call's fixed cost serves them all."""
+    if not 0.0 <= val_weight <= 1.0:
+        raise ValueError(f"val_weight must be in [0, 1], got {val_weight}")
     for run in runs:
         if run.done:
             raise RuntimeError(f"this run is done (step {run.step} of {run.horizon}, diverged={run.diverged})")
+        if val_weight > 0 and run.val_generator is None:
+            raise ValueError("a held-out meta-loss (val_weight > 0) needs runs started with holdout=True")
     steps = [min(length, run.horizon - run.step) for run in runs]
     specs = [task_spec(run.task, rule.config.sign_flips) for run in runs]
     params, states = [run.params for run in runs], [run.states for run in runs]
     grads, buffers = [run.grads for run in runs], [run.buffers for run in runs]
     losses: list[list[torch.Tensor]] = [[] for _ in runs]
+    val_losses: list[list[torch.Tensor]] = [[] for _ in runs]
     for t in range(max(steps)):
         active = [k for k, n in enumerate(steps) if t < n]
         spec = specs[active[0]] if len(active) == 1 else _batched(tuple(specs[k] for k in active))
@@ -184,10 +220,20 @@ def unroll_together(
             loss, buffers[k] = run.task.loss(dict(zip(run.names, params[k])), buffers[k], x, y)
             grads[k] = torch.autograd.grad(loss, params[k], retain_graph=True, create_graph=not first_order)
             losses[k].append(loss)
+            if val_weight > 0:
+                x, y = run.task.sample_val_batch(run.val_generator)
+                val_losses[k].append(run.task.eval_loss(dict(zip(run.names, params[k])), buffers[k], x, y))
     out = []
     for k, run in enumerate(runs):
         inner = torch.stack(losses[k])
         meta_loss = torch.log(inner + eps).mean()
+        info: dict[str, Any] = {}
+        if val_weight > 0:
+            held_out = torch.stack(val_losses[k])
+            log_val = torch.log(held_out + eps).mean()
+            info = {"val_losses": held_out.detach(), "log_train_loss": meta_loss.detach(),
+                    "log_val_loss": log_val.detach()}
+            meta_loss = log_val if val_weight == 1 else (1 - val_weight) * meta_loss + val_weight * log_val
         run.params = [p.detach() for p in params[k]]
         run.states = [{key: v.detach() for key, v in s.items()} for s in states[k]]
         run.grads = [g.detach() for g in grads[k]]
@@ -196,7 +242,7 @@ def unroll_together(
         run.loss = inner[-1]
         run.step += steps[k]
         run.diverged = not bool(torch.isfinite(run.loss))
-        out.append((meta_loss, {"losses": inner, "steps": steps[k]}))
+        out.append((meta_loss, {"losses": inner, "steps": steps[k], **info}))
     return out
 
 

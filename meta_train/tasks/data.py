@@ -6,6 +6,9 @@ Generated sets are drawn from the seed: ``teacher`` (regression onto the outputs
 teacher MLP, plus noise, so the loss has a known floor) and ``gaussian_mixture`` (classes that
 are each a mixture of Gaussian clusters, overlapping so that the task is not trivially solved).
 
+A task may hold out part of its training split as a validation split (:func:`validation_split`),
+for a meta-objective on held-out batches; the test split stays untouched for evaluation.
+
 Features are standardised with the training split's statistics (and so are regression targets),
 which keeps losses and gradients of every task on one scale. A dataset is built once per
 ``(name, seed, dtype, device)`` in a process and then shared, so its tensors must not be mutated.
@@ -13,6 +16,7 @@ which keeps losses and gradients of every task on one scale. A dataset is built 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +26,9 @@ import torch
 
 TEST_FRACTION = 0.2
 """Share of a scikit-learn set held back as its test split."""
+
+VAL_FRACTION = 0.2
+"""Share of the training split held out as the validation split, by a task that holds one out."""
 
 N_GENERATED_TRAIN = 2048
 N_GENERATED_TEST = 512
@@ -147,6 +154,24 @@ def check_dataset_name(name: str) -> None:
     """Raise ``ValueError`` naming the known datasets unless ``name`` is one of them."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+@lru_cache(maxsize=128)
+def validation_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted row indices of a training split of ``n_train`` rows: (fit, val).
+
+    ``val`` is :data:`VAL_FRACTION` of the rows (at least one, leaving at least one), chosen at
+    random from ``seed`` (a dataset's ``data_seed``), so every task on a dataset holds out the
+    same rows. The arrays are read-only (they are cached).
+    """
+    if n_train < 2:
+        raise ValueError(f"a validation split needs at least 2 training rows, got {n_train}")
+    n_val = min(n_train - 1, max(1, round(VAL_FRACTION * n_train)))
+    order = np.random.default_rng([seed, zlib.crc32(b"validation")]).permutation(n_train)
+    fit, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    fit.setflags(write=False)
+    val.setflags(write=False)
+    return fit, val
 
 
 @lru_cache(maxsize=128)

@@ -4,7 +4,9 @@ A :class:`TaskConfig` names everything about a task (data, architecture, batch s
 scale, horizon, seeds) and round-trips through a plain dict for JSON logs. A :class:`Task` built
 from it gives what meta-training needs (a functional loss on parameter dicts, differentiable for
 unrolled training) and what benchmarks need (a seeded ``nn.Module`` for a regular optimizer),
-both with the same initialisation and batches.
+both with the same initialisation and batches. A task built with ``holdout=True`` keeps a
+validation split of its training rows out of its training batches, for a meta-loss on held-out
+batches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset
+from .data import IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset, validation_split
 from .models import build_model, check_architecture, init_parameters
 
 Params = dict[str, torch.Tensor]
@@ -97,10 +99,24 @@ class Task:
     :meth:`loss`); benchmarks train a module (:meth:`build_module`) with :meth:`criterion`. The
     template ``model`` is only a structure for ``functional_call``: its own parameters and
     buffers are never used.
+
+    ``holdout``: training batches (and :meth:`full_train_loss`) use only the ``fit_index`` rows
+    of the training split, and the ``val_index`` rows (:func:`~.data.validation_split` of the
+    ``data_seed``) are the validation split of :meth:`sample_val_batch` and :meth:`full_val_loss`.
+    Without it the task trains on the whole training split, as it always did.
     """
 
-    def __init__(self, config: TaskConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    holdout: bool = False
+
+    def __init__(
+        self,
+        config: TaskConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        holdout: bool = False,
+    ):
         self.config = config
+        self.holdout = holdout
         self.dataset: Dataset = load_dataset(config.dataset, config.data_seed, dtype, device)
         with torch.random.fork_rng(devices=()):  # the template's own init must not advance the global RNG
             model = build_model(
@@ -114,6 +130,10 @@ class Task:
             )
         self.model: nn.Module = model.to(device=device, dtype=dtype)
         self._initial_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        if holdout:
+            fit, val = validation_split(len(self.dataset.x_train), config.data_seed)
+            self.fit_index = torch.tensor(fit, device=self.dataset.x_train.device)
+            self.val_index = torch.tensor(val, device=self.dataset.x_train.device)
 
     @property
     def is_classification(self) -> bool:
@@ -143,10 +163,28 @@ class Task:
         return module.train()
 
     def sample_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training minibatch of ``batch_size`` examples drawn with replacement from ``generator``."""
+        """A training minibatch of ``batch_size`` examples drawn with replacement from ``generator``
+        (from the ``fit_index`` rows with ``holdout``)."""
+        if self.holdout:
+            return self._draw(self.fit_index, generator)
         n = len(self.dataset.x_train)
         idx = torch.randint(n, (self.config.batch_size,), generator=generator).to(self.dataset.x_train.device)
         return self.dataset.x_train[idx], self.dataset.y_train[idx]
+
+    def sample_val_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A validation minibatch of ``batch_size`` examples of the ``val_index`` rows, drawn with
+        replacement from ``generator`` (pass one of its own: :meth:`generator` ``("val")``)."""
+        self._check_holdout()
+        return self._draw(self.val_index, generator)
+
+    def _draw(self, rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rows[torch.randint(len(rows), (self.config.batch_size,), generator=generator).to(rows.device)]
+        return self.dataset.x_train[idx], self.dataset.y_train[idx]
+
+    def _check_holdout(self) -> None:
+        if not self.holdout:
+            raise RuntimeError("this task trains on its whole training split: build it with holdout=True "
+                               "for a validation split")
 
     def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy for classification, mean squared error for regression."""
@@ -168,10 +206,25 @@ class Task:
         new_buffers = {n: b.clone() for n, b in buffers.items()}
         return self.criterion(self._forward(params, new_buffers, x, training=True), y), new_buffers
 
+    def eval_loss(self, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss on ``(x, y)`` in eval mode (BatchNorm uses the running statistics in ``buffers`` and
+        leaves them alone), differentiable w.r.t. ``params``: how a held-out batch is scored."""
+        return self.criterion(self._forward(params, buffers, x, training=False), y)
+
     def full_train_loss(self, params: Params, buffers: Params) -> torch.Tensor:
-        """Loss on the whole training split in eval mode (BatchNorm uses its running statistics)."""
+        """Loss on the whole training split (its ``fit_index`` rows with ``holdout``) in eval mode
+        (BatchNorm uses its running statistics)."""
+        if self.holdout:
+            return self.eval_loss(params, buffers, self.dataset.x_train[self.fit_index],
+                                 self.dataset.y_train[self.fit_index])
         output = self._forward(params, buffers, self.dataset.x_train, training=False)
         return self.criterion(output, self.dataset.y_train)
+
+    def full_val_loss(self, params: Params, buffers: Params) -> torch.Tensor:
+        """Loss on the whole validation split in eval mode."""
+        self._check_holdout()
+        return self.eval_loss(params, buffers, self.dataset.x_train[self.val_index],
+                             self.dataset.y_train[self.val_index])
 
     @torch.no_grad()
     def test_metrics(self, params: Params, buffers: Params) -> dict[str, float]:

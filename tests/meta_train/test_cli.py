@@ -70,6 +70,24 @@ def test_smoke_run_writes_a_rule_nfn_optimizer_loads_and_logs(tmp_path, monkeypa
     assert {f"meta/{k}" for k in ("meta_loss", "inner_loss", "grad_norm", "alpha", "beta", "gamma",
                                   "inner_steps_per_s", "skipped", "dropped_tasks")} <= tags
     assert [e.step for e in events.Scalars("meta/alpha")] == [2, 4, 6]
+    assert "meta/log_val_loss" not in tags  # no held-out loss without a val_weight
+
+
+def test_val_weight_is_set_from_the_command_line_and_recorded_and_logged(tmp_path):
+    from meta_train.cli import build_config, parse_args
+
+    assert build_config(parse_args(["--config", SMOKE, "--set", "val_weight=0.5"])).val_weight == 0.5
+    assert build_config(parse_args(["--config", SMOKE])).val_weight == 0.0
+    out = tmp_path / "rule.nfopt"
+    main(["--config", SMOKE, "--set", "val_weight=0.5", "--set", "meta_steps=2", "--out", str(out),
+          "--log-dir", str(tmp_path / "tb")])
+    prov = load_rule(out).provenance
+    assert prov["config"]["val_weight"] == 0.5 and "--set val_weight=0.5" in prov["command"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"meta/log_val_loss", "meta/log_train_loss", "meta/val_loss"} <= set(events.Tags()["scalars"])
 
 
 def test_resume_refuses_a_missing_checkpoint_or_a_changed_config(tmp_path):

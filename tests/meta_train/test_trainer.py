@@ -66,8 +66,8 @@ def poison(monkeypatch, slots: set[int]) -> None:
     """Make the meta-loss of the given slots' unrolls NaN (their inner training goes on)."""
     unroll = trainer_module.unroll_together
 
-    def patched(runs, rule, length, first_order, eps):
-        results = unroll(runs, rule, length, first_order, eps)
+    def patched(runs, rule, length, first_order, eps, val_weight):
+        results = unroll(runs, rule, length, first_order, eps, val_weight)
         return [(m * float("nan") if slot in slots else m, info) for slot, (m, info) in enumerate(results)]
 
     monkeypatch.setattr(trainer_module, "unroll_together", patched)
@@ -128,3 +128,28 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
         MetaTrainer(dataclasses.replace(SMALL, unroll_length=3)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
     with pytest.raises(ValueError, match="written by 1 processes"):
         MetaTrainer(SMALL, Group(0, 2)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
+
+
+def test_val_weight_holds_out_and_reports_both_terms_and_resumes_exactly(tmp_path):
+    held_out = SMALL.with_overrides(["val_weight=0.5"])
+    assert held_out.val_weight == 0.5 and MetaConfig.from_dict(held_out.to_dict()) == held_out
+    for bad in ("val_weight=-0.1", "val_weight=1.5"):
+        with pytest.raises(ValueError, match="val_weight must be in \\[0, 1\\]"):
+            MetaConfig().with_overrides([bad])
+    plain = MetaTrainer(SMALL)
+    stats = plain.meta_step()
+    assert not {"log_train_loss", "log_val_loss", "val_loss"} & set(stats)
+    assert all(not run.task.holdout and run.val_generator is None for run in plain.runs)
+
+    trainer = MetaTrainer(held_out)
+    stats = trainer.meta_step()
+    assert all(run.task.holdout for run in trainer.runs)
+    assert stats["meta_loss"] == pytest.approx(0.5 * stats["log_train_loss"] + 0.5 * stats["log_val_loss"], rel=1e-5)
+    assert stats["val_loss"] > 0 and stats["log_val_loss"] != stats["log_train_loss"]
+    checkpointing.save_atomic(trainer.state_dict(), tmp_path / "t.pt")
+    resumed = MetaTrainer(held_out)
+    resumed.load_state_dict(checkpointing.load(tmp_path / "t.pt"))
+    for _ in range(2):
+        assert trainer.meta_step() == resumed.meta_step()
+    with pytest.raises(ValueError, match="different values of \\['val_weight'\\]"):
+        MetaTrainer(SMALL).load_state_dict(checkpointing.load(tmp_path / "t.pt"))

@@ -161,3 +161,87 @@ def test_runs_unrolled_together_follow_their_own_trajectories() -> None:
                         torch.autograd.grad(twin_loss, list(rule.parameters()))):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
     assert [r.step for r in together] == [5, 5, 3]
+
+
+def test_without_a_validation_weight_no_held_out_loss_is_computed(monkeypatch):
+    """val_weight=0 is the meta-loss of before: the mean log training loss, with no held-out
+    forward (none is drawn or scored), on a task that trains on its whole training split."""
+    from meta_train.tasks import Task
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a held-out loss was computed at val_weight=0")
+
+    monkeypatch.setattr(Task, "sample_val_batch", refuse)
+    monkeypatch.setattr(Task, "eval_loss", refuse)
+    rule = open_rule(std=0.1)
+    run, twin = start(CNN_BN, rule), start(CNN_BN, rule)
+    assert not run.task.holdout and run.val_generator is None
+    meta_loss, info = run.unroll(rule, 3, first_order=False, val_weight=0.0)
+    assert set(info) == {"losses", "steps"}
+    assert torch.equal(meta_loss, torch.log(info["losses"] + 1e-8).mean())
+    twin_loss, _ = twin.unroll(rule, 3, first_order=False)  # the default
+    assert torch.equal(meta_loss, twin_loss)
+
+
+def test_validation_weight_one_is_the_mean_log_held_out_loss():
+    """Checked against the held-out losses computed directly, one step at a time, at the
+    parameters and buffers after each step."""
+    from meta_train.tasks import Task
+
+    rule = open_rule(std=0.1)
+    run = InnerRun.start(CNN_BN, rule.config.features, holdout=True)
+    stepped = InnerRun.start(CNN_BN, rule.config.features, holdout=True)
+    meta_loss, info = run.unroll(rule, 3, first_order=False, val_weight=1.0)
+    task = Task(CNN_BN, holdout=True)
+    generator, direct = task.generator("val"), []
+    for _ in range(3):
+        stepped.unroll(rule, 1, first_order=False)  # carries on the same trajectory
+        x, y = task.sample_val_batch(generator)
+        direct.append(task.eval_loss(dict(zip(stepped.names, stepped.params)), stepped.buffers, x, y))
+    expected = torch.log(torch.stack(direct) + 1e-8).mean()
+    torch.testing.assert_close(meta_loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(info["val_losses"], torch.stack(direct), rtol=1e-5, atol=1e-6)
+    assert torch.equal(info["log_val_loss"], meta_loss.detach())
+    torch.testing.assert_close(info["log_train_loss"], torch.log(info["losses"] + 1e-8).mean())
+
+
+def test_half_validation_weight_mixes_the_terms_and_changes_the_meta_gradient():
+    rule = open_rule(std=0.1)
+    runs = {w: InnerRun.start(TEACHER, rule.config.features, holdout=True) for w in (0.0, 0.25, 0.5)}
+    out = {w: meta_grads_at(rule, run, w) for w, run in runs.items()}
+    (loss0, _, grads0), (loss5, info, grads5) = out[0.0], out[0.5]
+    torch.testing.assert_close(loss5.detach(), 0.5 * info["log_train_loss"] + 0.5 * info["log_val_loss"])
+    loss25, info25, _ = out[0.25]
+    torch.testing.assert_close(loss25.detach(), 0.75 * info25["log_train_loss"] + 0.25 * info25["log_val_loss"])
+    assert info25["log_train_loss"] != info25["log_val_loss"]
+    torch.testing.assert_close(loss0.detach(), info["log_train_loss"])  # the same training trajectory
+    assert torch.isfinite(grads5).all() and grads5.abs().sum() > 0
+    assert not torch.allclose(grads0, grads5, rtol=1e-3, atol=0)
+    assert not torch.allclose(0.5 * grads0, grads5, rtol=1e-3, atol=0)  # the held-out term has a gradient
+
+
+def meta_grads_at(rule, run: InnerRun, val_weight: float):
+    meta_loss, info = run.unroll(rule, 3, first_order=False, val_weight=val_weight)
+    grads = torch.autograd.grad(meta_loss, list(rule.parameters()))
+    return meta_loss, info, torch.cat([g.flatten() for g in grads])
+
+
+def test_a_held_out_meta_loss_needs_a_run_that_holds_out_and_a_weight_in_range():
+    rule = fresh_rule()
+    with pytest.raises(ValueError, match="holdout=True"):
+        start(TEACHER, rule).unroll(rule, 2, first_order=True, val_weight=0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        InnerRun.start(TEACHER, rule.config.features, holdout=True).unroll(rule, 2, True, val_weight=1.5)
+
+
+def test_held_out_batches_are_reproducible_and_survive_a_state_dict_round_trip():
+    rule = open_rule(std=0.1)
+    a, b = (InnerRun.start(CNN_BN, rule.config.features, holdout=True) for _ in range(2))
+    la, ia = a.unroll(rule, 2, first_order=True, val_weight=0.5)
+    lb, ib = b.unroll(rule, 2, first_order=True, val_weight=0.5)
+    assert torch.equal(la, lb) and torch.equal(ia["val_losses"], ib["val_losses"])
+    copy = InnerRun.from_state_dict(a.state_dict())
+    assert copy.task.holdout
+    x, _ = a.unroll(rule, 3, first_order=True, val_weight=0.5)
+    y, _ = copy.unroll(rule, 3, first_order=True, val_weight=0.5)
+    assert torch.equal(x, y)

@@ -52,3 +52,20 @@ def test_dataset_dtype_and_unknown_name():
     assert load_dataset("iris", dtype=torch.float64).x_train.dtype == torch.float64
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_validation_split_is_disjoint_from_the_rest_of_the_training_split(name):
+    n = len(load_dataset(name).x_train)
+    fit, val = datasets.validation_split(n, 0)
+    assert not set(fit.tolist()) & set(val.tolist())
+    assert sorted([*fit.tolist(), *val.tolist()]) == list(range(n))  # every training row is in exactly one
+    assert len(val) == round(datasets.VAL_FRACTION * n)
+
+
+def test_validation_split_is_a_function_of_the_seed():
+    build = datasets.validation_split.__wrapped__  # bypass the cache
+    a, b, c = build(100, 3), build(100, 3), build(100, 4)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    assert len(build(2, 0)[0]) == len(build(2, 0)[1]) == 1

@@ -193,6 +193,66 @@ def test_metrics_are_the_test_split_loss_and_accuracy_in_eval_mode():
     assert set(regression.test_metrics(regression.init_params(seeded(0)), {})) == {"loss"}
 
 
+HOLDOUT_TEACHER = TaskConfig("teacher", "mlp", depth=1, width=16, batch_size=128, data_seed=2)
+
+
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.reshape(len(x), -1)}
+
+
+def test_a_holdout_task_never_trains_on_its_validation_rows():
+    """Training batches come from the fit rows only, validation batches from the validation rows
+    only, and neither from the test split (teacher inputs are continuous: no two rows coincide)."""
+    task = Task(HOLDOUT_TEACHER, holdout=True)
+    d = task.dataset
+    fit, val, test = rows(d.x_train[task.fit_index]), rows(d.x_train[task.val_index]), rows(d.x_test)
+    assert len(fit) == len(task.fit_index) and len(val) == len(task.val_index) and not fit & val and not val & test
+    data, held_out = task.generator("data"), task.generator("val")
+    trained, validated = set(), set()
+    for _ in range(40):
+        trained |= rows(task.sample_batch(data)[0])
+        validated |= rows(task.sample_val_batch(held_out)[0])
+    assert trained <= fit and validated <= val and len(validated) > len(val) // 2
+    whole = Task(HOLDOUT_TEACHER)  # without holdout: the whole training split, as before
+    g = seeded(0)
+    assert not whole.holdout and set().union(*(rows(whole.sample_batch(g)[0]) for _ in range(5))) & val
+    with pytest.raises(RuntimeError, match="holdout=True"):
+        whole.sample_val_batch(seeded(0))
+    x, y = task.sample_batch(seeded(0))
+    i = task.fit_index[torch.randint(len(task.fit_index), (HOLDOUT_TEACHER.batch_size,), generator=seeded(0))]
+    assert torch.equal(x, d.x_train[i]) and torch.equal(y, d.y_train[i])
+
+
+def test_validation_batches_are_reproducible_from_the_seed():
+    def batches(config: TaskConfig) -> list[torch.Tensor]:
+        task = Task(config, holdout=True)
+        g = task.generator("val")
+        return [task.sample_val_batch(g)[0] for _ in range(3)]
+
+    a, b = batches(HOLDOUT_TEACHER), batches(HOLDOUT_TEACHER)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], batches(dataclasses.replace(HOLDOUT_TEACHER, seed=1))[0])
+
+
+def test_eval_loss_is_the_eval_mode_loss_and_leaves_the_buffers_alone():
+    task = Task(CNN_BN, holdout=True)
+    params = trainable(task.init_params(seeded(0)))
+    _, buffers = task.loss(params, task.buffers(), *task.sample_batch(seeded(0)))  # running statistics that moved
+    before = {k: v.clone() for k, v in buffers.items()}
+    x, y = task.sample_val_batch(seeded(1))
+    loss = task.eval_loss(params, buffers, x, y)
+    module = task.build_module(seeded(0))
+    module.load_state_dict({**{k: v.detach() for k, v in params.items()}, **buffers})
+    with torch.no_grad():
+        torch.testing.assert_close(loss.detach(), task.criterion(module.eval()(x), y))
+    assert all(torch.equal(buffers[k], before[k]) for k in buffers)
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads_of(loss, params).values())
+    full = task.full_val_loss(params, buffers).detach()
+    with torch.no_grad():
+        val = task.val_index
+        torch.testing.assert_close(full, task.criterion(module(task.dataset.x_train[val]), task.dataset.y_train[val]))
+
+
 @pytest.mark.parametrize(
     "config, steps, lr, ratio",
     [(MLP_DIGITS, 200, 1e-2, 0.01), (CNN_BN, 300, 2e-2, 0.4), (REGRESSION, 300, 1e-2, 0.25)],
