@@ -17,6 +17,7 @@ exactly what it would have done.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -31,6 +32,7 @@ from nfopt.optim.rule import LearnedUpdate, UpdateConfig
 from . import checkpointing
 from .distributed import Group
 from .init_rule import init_rule
+from .pes import PES
 from .tasks.models import ACTIVATIONS
 from .tasks import TaskConfig, sample_task_config
 from .unroll import LOSS_EPS, InnerRun, unroll_together
@@ -39,6 +41,9 @@ OPERATIONAL_FIELDS: frozenset[str] = frozenset(
     {"meta_steps", "device", "threads", "out", "checkpoint", "checkpoint_every", "log_dir", "log_every"}
 )
 """Fields a resumed run may change: where it writes, how often, and how long it goes on."""
+
+ESTIMATORS = ("tbptt", "pes")
+"""Meta-gradient estimators: truncated backpropagation, persistent evolution strategies."""
 
 CHECKPOINT_FORMAT = 1
 """Version of the training-checkpoint layout (:meth:`MetaTrainer.state_dict`)."""
@@ -55,7 +60,10 @@ class MetaConfig:
     the weight of the held-out loss in the meta-loss, ``(1 - w)·log(train loss + eps) +
     w·log(held-out loss + eps)`` per inner step; w > 0 holds out a validation split of every
     task's training rows (:mod:`meta_train.unroll`), w = 0 trains on them all with the training
-    loss alone. ``rule``: the update rule
+    loss alone. ``estimator``: how the meta-gradient is estimated, ``"tbptt"`` (backpropagation
+    through each truncation; ``first_order`` applies) or ``"pes"`` (persistent evolution
+    strategies, :mod:`meta_train.pes`: each slot is an antithetic pair of runs of its task at the
+    rule's weights ± a Gaussian perturbation of std ``pes_sigma``). ``rule``: the update rule
     meta-trained (its initial weights come from ``seed``). ``activation``: if not empty, every
     task uses this activation (a narrower distribution, for experiments).
     ``threads``: intra-op threads per process (one per process is fastest for these small tasks;
@@ -74,6 +82,8 @@ class MetaConfig:
     first_order: bool = False
     loss_eps: float = LOSS_EPS
     val_weight: float = 0.0
+    estimator: str = "tbptt"
+    pes_sigma: float = 0.01
     activation: str = ""
     rule: UpdateConfig = UpdateConfig()
     device: str = "cpu"
@@ -109,6 +119,10 @@ class MetaConfig:
             )
         if not 0.0 <= self.val_weight <= 1.0:
             raise ValueError(f"val_weight must be in [0, 1], got {self.val_weight}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.pes_sigma <= 0:
+            raise ValueError(f"pes_sigma must be positive, got {self.pes_sigma}")
         if self.activation and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be empty or one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.device not in ("cpu", "cuda"):
@@ -198,6 +212,11 @@ class MetaTrainer:
         local = config.tasks_per_step // group.world_size
         self.slots = range(group.rank * local, (group.rank + 1) * local)
         self.runs: list[InnerRun | None] = [None] * local
+        self.twins: list[InnerRun | None] = [None] * local  # PES: each run's antithetic twin
+        self.pes = None
+        if config.estimator == "pes":
+            self.pes = PES(sum(p.numel() for p in self.params), config.pes_sigma, local, config.seed, self.device)
+            self._perturbed = tuple(copy.deepcopy(self.rule).requires_grad_(False) for _ in range(2))
         self.draws = [0] * local
         self.counters = {"inner_steps": 0, "tasks_drawn": 0, "dropped_tasks": 0, "skipped_steps": 0}
         seed = int(np.random.SeedSequence([config.seed, group.rank]).generate_state(1)[0])
@@ -210,15 +229,19 @@ class MetaTrainer:
         return sample_task_config(rng, "train", horizons, self.config.activation or None)
 
     def _run(self, i: int) -> tuple[InnerRun, int]:
-        """The run of this rank's ``i``-th slot, a new one if the last is done; and how many tasks were drawn."""
-        run = self.runs[i]
+        """The run of this rank's ``i``-th slot, a new one if the last is done (with PES, if either
+        of the pair is: both start again); and how many tasks were drawn."""
+        run, twin = self.runs[i], self.twins[i]
         drawn = 0
-        while run is None or run.done:
-            run = InnerRun.start(self.task_config(self.slots[i], self.draws[i]), self.rule.config.features, self.device,
-                                 holdout=self.config.val_weight > 0)
+        while run is None or run.done or (self.pes is not None and twin.done):
+            config = self.task_config(self.slots[i], self.draws[i])
+            run = InnerRun.start(config, self.rule.config.features, self.device, holdout=self.config.val_weight > 0)
+            if self.pes is not None:  # the same task, initialisation and batches
+                twin = InnerRun.start(config, self.rule.config.features, self.device, holdout=self.config.val_weight > 0)
+                self.pes.restart(i)
             self.draws[i] += 1
             drawn += 1
-        self.runs[i] = run
+        self.runs[i], self.twins[i] = run, twin
         return run, drawn
 
     def _meta_gradient(self, meta_losses: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[bool]]:
@@ -244,6 +267,43 @@ class MetaTrainer:
         grads = [g for g, k in zip(alone, kept) if k]
         return (torch.stack(grads).sum(0) if grads else None), kept
 
+    def _tbptt(self, runs: list[InnerRun]) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, dict]], int]:
+        """Backpropagation through one truncation of every run: the summed meta-gradient, the kept
+        tasks' meta-losses and infos, and the inner steps taken."""
+        cfg = self.config
+        results = unroll_together(runs, self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps, cfg.val_weight)
+        finite = [(meta_loss, info) for meta_loss, info in results if torch.isfinite(meta_loss)]
+        flat, kept = self._meta_gradient([m for m, _ in finite])
+        return flat, [task for task, k in zip(finite, kept) if k], sum(info["steps"] for _, info in results)
+
+    def _pes(self, runs: list[InnerRun]) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, dict]], int]:
+        """PES: each slot's pair unrolled one truncation at the rule's weights ± the slot's
+        perturbation; what :meth:`_tbptt` returns, a pair's meta-loss and info being the mean of
+        its two runs'."""
+        cfg = self.config
+        theta = torch.nn.utils.parameters_to_vector(self.params).detach().to(torch.float64)
+        plus, minus = self._perturbed
+        total, tasks, steps = None, [], 0
+        for i, run in enumerate(runs):
+            eps = self.pes.perturbation(self.step, self.slots[i])
+            self.pes.accumulate(i, eps)
+            losses = []
+            for rule, member, sign in ((plus, run, 1.0), (minus, self.twins[i], -1.0)):
+                torch.nn.utils.vector_to_parameters((theta + sign * eps).to(self.params[0].dtype), rule.parameters())
+                (loss, info), = unroll_together([member], rule, cfg.unroll_length, True, cfg.loss_eps, cfg.val_weight)
+                losses.append((loss.detach(), info))
+                steps += info["steps"]
+            (lp, ip), (lm, im) = losses
+            estimate = self.pes.estimate(i, lp, lm)
+            if not bool(torch.isfinite(estimate).all()):
+                continue
+            total = estimate if total is None else total + estimate
+            tasks.append(((lp + lm) / 2, {
+                key: torch.cat([ip[key], im[key]]) if key in ("losses", "val_losses") else (ip[key] + im[key]) / 2
+                for key in ip if key != "steps"
+            }))
+        return total, tasks, steps
+
     def meta_step(self) -> dict[str, float]:
         """One truncation of every slot and one meta-update; returns this step's statistics (all ranks).
 
@@ -265,23 +325,18 @@ class MetaTrainer:
             run, drawn = self._run(i)
             runs.append(run)
             local["tasks_drawn"] += drawn
-        results = unroll_together(runs, self.rule, cfg.unroll_length, cfg.first_order, cfg.loss_eps, cfg.val_weight)
-        finite = [(meta_loss, info) for meta_loss, info in results if torch.isfinite(meta_loss)]
-        for _, info in results:
-            local["inner_steps"] += info["steps"]
-        flat, kept = self._meta_gradient([m for m, _ in finite])
+        flat, tasks, local["inner_steps"] = (self._pes if self.pes is not None else self._tbptt)(runs)
         if flat is not None:
             grad_sum += flat
-        for (meta_loss, info), k in zip(finite, kept):
-            if k:
-                local["finite_tasks"] += 1
-                local["meta_loss"] += meta_loss.item()
-                local["inner_loss"] += info["losses"].mean().item()
-                if held_out:
-                    local["log_train_loss"] += info["log_train_loss"].item()
-                    local["log_val_loss"] += info["log_val_loss"].item()
-                    local["val_loss"] += info["val_losses"].mean().item()
-        local["dropped_tasks"] += len(results) - local["finite_tasks"]
+        for meta_loss, info in tasks:
+            local["finite_tasks"] += 1
+            local["meta_loss"] += float(meta_loss)
+            local["inner_loss"] += info["losses"].mean().item()
+            if held_out:
+                local["log_train_loss"] += info["log_train_loss"].item()
+                local["log_val_loss"] += info["log_val_loss"].item()
+                local["val_loss"] += info["val_losses"].mean().item()
+        local["dropped_tasks"] += len(runs) - local["finite_tasks"]
         # One all-reduce carries the gradient sum and the statistics of every rank.
         packet = self.group.all_reduce_sum(torch.cat([grad_sum, grad_sum.new_tensor(list(local.values()))]))
         grad_sum = packet[: grad_sum.numel()]
@@ -322,6 +377,8 @@ class MetaTrainer:
         """
         local = {
             "runs": [None if r is None else r.state_dict() for r in self.runs],
+            "twins": [None if r is None else r.state_dict() for r in self.twins],
+            "pes": None if self.pes is None else self.pes.state_dict(),
             "draws": list(self.draws),
             "rng": checkpointing.rng_states(),
         }
@@ -361,7 +418,12 @@ class MetaTrainer:
         self.step = state["step"]
         self.counters = dict(state["counters"])
         mine = state["ranks"][self.group.rank]
-        self.runs = [None if r is None else InnerRun.from_state_dict(r, self.device) for r in mine["runs"]]
+        self.runs, self.twins = (
+            [None if r is None else InnerRun.from_state_dict(r, self.device) for r in mine.get(key) or [None] * len(self.runs)]
+            for key in ("runs", "twins")
+        )
+        if self.pes is not None:
+            self.pes.load_state_dict(mine["pes"])
         self.draws = list(mine["draws"])
         checkpointing.set_rng_states(mine["rng"])
 

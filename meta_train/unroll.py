@@ -189,7 +189,9 @@ def unroll_together(
     """:meth:`InnerRun.unroll` of every run, their steps taken by one rule call per inner step on
     the batch of their weight spaces (:func:`nfopt.weight_space.batch`: what the rule computes
     for each is what it computes for it alone, so the runs stay independent; a run that reaches
-    its horizon drops out of the later calls). One call's fixed cost serves them all."""
+    its horizon drops out of the later calls). One call's fixed cost serves them all. A rule whose
+    weights need no gradient (a perturbed copy, for PES) steps without building a graph through
+    itself."""
     if not 0.0 <= val_weight <= 1.0:
         raise ValueError(f"val_weight must be in [0, 1], got {val_weight}")
     for run in runs:
@@ -203,13 +205,17 @@ def unroll_together(
     grads, buffers = [run.grads for run in runs], [run.buffers for run in runs]
     losses: list[list[torch.Tensor]] = [[] for _ in runs]
     val_losses: list[list[torch.Tensor]] = [[] for _ in runs]
+    tracked = any(w.requires_grad for w in rule.parameters())  # PES's perturbed copies are not
     for t in range(max(steps)):
         active = [k for k, n in enumerate(steps) if t < n]
         spec = specs[active[0]] if len(active) == 1 else _batched(tuple(specs[k] for k in active))
-        new_params, new_states, _ = rule(
-            spec, [p for k in active for p in params[k]], [g for k in active for g in grads[k]],
-            [s for k in active for s in states[k]],
-        )
+        with torch.set_grad_enabled(tracked):
+            new_params, new_states, _ = rule(
+                spec, [p for k in active for p in params[k]], [g for k in active for g in grads[k]],
+                [s for k in active for s in states[k]],
+            )
+        if not tracked:  # no graph reaches the rule: the new parameters are leaves of the task's loss
+            new_params = [p.requires_grad_() for p in new_params]
         start = 0
         for k in active:
             n = len(params[k])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,6 +13,7 @@ import meta_train.trainer as trainer_module
 from meta_train import checkpointing
 from meta_train.distributed import Group
 from meta_train.trainer import MetaConfig, MetaTrainer
+from meta_train.unroll import InnerRun
 
 
 SMALL = MetaConfig(tasks_per_step=2, unroll_length=2, horizon_min=4, horizon_max=6, meta_steps=4,
@@ -110,12 +112,14 @@ def test_gradients_are_clipped_by_norm():
     torch.testing.assert_close(exp_avg.norm(), torch.tensor(0.1 * 1e-6), rtol=1e-3, atol=0)  # (1 - beta1) * clipped
 
 
-def test_training_state_round_trip_continues_exactly(tmp_path):
-    trainer = MetaTrainer(SMALL)
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_training_state_round_trip_continues_exactly(tmp_path, estimator):
+    config = dataclasses.replace(SMALL, estimator=estimator)
+    trainer = MetaTrainer(config)
     for _ in range(3):
         trainer.meta_step()
     checkpointing.save_atomic(trainer.state_dict(), tmp_path / "t.pt")
-    resumed = MetaTrainer(SMALL)
+    resumed = MetaTrainer(config)
     resumed.load_state_dict(checkpointing.load(tmp_path / "t.pt"))
     assert resumed.step == 3 and resumed.counters == trainer.counters
     for _ in range(3):
@@ -125,9 +129,53 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
     for p, q in zip(trainer.params, resumed.params):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="different values of \\['unroll_length'\\]"):
-        MetaTrainer(dataclasses.replace(SMALL, unroll_length=3)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
+        MetaTrainer(dataclasses.replace(config, unroll_length=3)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
     with pytest.raises(ValueError, match="written by 1 processes"):
-        MetaTrainer(SMALL, Group(0, 2)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
+        MetaTrainer(config, Group(0, 2)).load_state_dict(checkpointing.load(tmp_path / "t.pt"))
+
+
+def test_pes_steps_along_antithetic_pairs_of_each_task(monkeypatch):
+    """A PES meta-step applies the mean over slots of ξ·(L⁺ - L⁻)/(2σ²), each slot's pair being
+    two runs of its task at the rule's weights ± the slot's perturbation, recomputed here apart."""
+    config = dataclasses.replace(SMALL, estimator="pes", pes_sigma=0.05, clip=1e9)
+    trainer = MetaTrainer(config)
+    theta = torch.nn.utils.parameters_to_vector(trainer.params).detach().double()
+    applied = []
+    monkeypatch.setattr(trainer.meta_opt, "step", lambda: applied.append(
+        torch.cat([p.grad.flatten() for p in trainer.params]).double()))
+    trainer.meta_step()
+    expected = []
+    for slot in trainer.slots:
+        eps = trainer.pes.perturbation(0, slot)
+        losses = []
+        for sign in (1.0, -1.0):
+            rule = copy.deepcopy(trainer.rule).requires_grad_(False)
+            torch.nn.utils.vector_to_parameters((theta + sign * eps).float(), rule.parameters())
+            run = InnerRun.start(trainer.task_config(slot, 0), rule.config.features)
+            losses.append(run.unroll(rule, config.unroll_length, True, config.loss_eps)[0])
+        expected.append(eps * float(losses[0] - losses[1]) / (2 * config.pes_sigma**2))
+        assert torch.equal(trainer.pes.xi[slot], eps)
+    assert len(applied) == 1
+    torch.testing.assert_close(applied[0], torch.stack(expected).mean(0).float().double(), rtol=1e-5, atol=1e-7)
+    assert all(r.task.config == t.task.config and r.step == t.step for r, t in zip(trainer.runs, trainer.twins))
+
+
+def test_a_pes_slot_forgets_its_perturbations_with_a_new_task():
+    trainer = MetaTrainer(dataclasses.replace(SMALL, estimator="pes"))
+    since = {slot: [] for slot in range(2)}
+    for step in range(8):
+        drawn = list(trainer.draws)
+        trainer.meta_step()
+        for i, slot in enumerate(trainer.slots):
+            if trainer.draws[i] != drawn[i]:
+                since[i] = []
+            since[i].append(trainer.pes.perturbation(step, slot))
+            torch.testing.assert_close(trainer.pes.xi[i], torch.stack(since[i]).sum(0), rtol=0, atol=1e-12)
+    assert max(trainer.draws) > 1  # some slot did start a new task
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        MetaConfig().with_overrides(["estimator=es"])
+    with pytest.raises(ValueError, match="pes_sigma must be positive"):
+        MetaConfig().with_overrides(["pes_sigma=0"])
 
 
 def test_val_weight_holds_out_and_reports_both_terms_and_resumes_exactly(tmp_path):
