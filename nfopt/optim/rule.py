@@ -78,11 +78,18 @@ class UpdateConfig:
                 f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
                 f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
+        object.__setattr__(self, "gate_floor", float(self.gate_floor))
         if not self.gate_floor >= 0 or not math.isfinite(self.gate_floor):
             raise ValueError(f"gate_floor must be finite and at least 0, got {self.gate_floor}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; without ``gate_floor`` where it is 0 (no gate), so that a rule
+        without a gate is written, and fingerprinted, as it was before the option existed (and
+        earlier nfopt versions still read its files)."""
+        d = asdict(self)
+        if not self.gate_floor:
+            del d["gate_floor"]
+        return d
 
 
 class LearnedUpdate(nn.Module):
