@@ -14,6 +14,7 @@
  * that of the PyTorch path (nfopt/optim/rule.py, features.py, nn/layer.py), in the same order
  * where it matters, so results agree to rounding.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,11 +26,13 @@
 #endif
 #ifdef REAL_IS_DOUBLE
 #define TANH tanh
+#define REAL_TINY DBL_MIN
 #define EXP exp
 #define SQRT sqrt
 #define ERF erf
 #else
 #define TANH tanh_f
+#define REAL_TINY FLT_MIN
 #define EXP exp_f
 #define SQRT sqrtf
 #define ERF erff
@@ -604,7 +607,8 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     const REAL inv_bc1 = (REAL)1 / bc1, inv_bc2 = (REAL)1 / bc2; /* products, not quotients, per element */
     const REAL ok_r = ok ? (REAL)1 : (REAL)0, v_rate = (REAL)s->v_rate * ok_r;
     const int gated = s->gate != 0, gate_sums = gated && s->mode == 0 && s->flips; /* else from sumsq */
-    const REAL floor_ref = (REAL)mem[5], root0 = SQRT(fl); /* sqrt(v̂ + ε) where v̂ = 0, rounded alike */
+    const REAL root0 = SQRT(fl); /* sqrt(v̂ + ε) where v̂ = 0, rounded alike */
+    const REAL floor_ref = (REAL)mem[5] > REAL_TINY ? (REAL)mem[5] : REAL_TINY; /* > 0 where F·ref underflows */
     Block gate;
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];

@@ -523,10 +523,11 @@ def _square_sums(root_v: torch.Tensor) -> torch.Tensor:
 
 def _gate(root_v: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """The gate g = e / (e + F·ref) (B, *shape) of the learned part, from sqrt(v̂ + ε) (B, *shape)
-    and the members' F·ref (B,); e = sqrt(v̂ + ε) - sqrt(ε) is exactly 0 where v̂ is (the same
-    rounded square root of ε on both sides)."""
+    and the members' F·ref (B,), at least the dtype's smallest normal number; e = sqrt(v̂ + ε) -
+    sqrt(ε) is exactly 0 where v̂ is (the same rounded square root of ε on both sides)."""
     e = root_v - torch.sqrt(constant([SQRT_FLOOR], root_v))
-    return e / (e + per_member(floor.to(root_v.dtype), e))
+    floor = floor.to(root_v.dtype).clamp(min=torch.finfo(root_v.dtype).tiny)  # > 0 even where F·ref underflows
+    return e / (e + per_member(floor, e))
 
 
 @lru_cache(maxsize=256)

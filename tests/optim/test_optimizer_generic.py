@@ -319,6 +319,7 @@ ZERO_GRADIENT_IDS = ["loop-float32", "torch-float32", "loop-float64", "torch-flo
             ),
         ),
         "gated",
+        "gated, F·ref underflowing",
     ],
 )
 @pytest.mark.parametrize("fused,dtype", ZERO_GRADIENT_PATHS, ids=ZERO_GRADIENT_IDS)
@@ -328,7 +329,8 @@ def test_zero_gradients_leave_the_parameters_where_they_are(rule: str, fused: st
     gradient history is zero."""
     monkeypatch.setenv("NFOPT_FUSED", fused)
     model = mlp(dtype)
-    opt = NFNOptimizer(model.parameters()) if rule == "default" else NFNOptimizer(model.parameters(), rule=_gated_rule())
+    floors = {"gated": 0.1, "gated, F·ref underflowing": 1e-40}
+    opt = NFNOptimizer(model.parameters(), rule=_gated_rule(floors[rule])) if rule in floors else NFNOptimizer(model.parameters())
     before = [p.clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -192,11 +192,13 @@ def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
     return before, params
 
 
+@pytest.mark.parametrize("floor", [0.1, 1e-50])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype):
+def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor):
     """Whatever the NFN's weights: a tensor with no gradient yet, and the elements of another
-    with none, keep their values to the bit while the rest move; without the gate they move."""
-    before, after = _zero_history_run(_gated_rule(0.1, dtype=dtype), dtype)
+    with none, keep their values to the bit while the rest move (also with a floor so small that
+    F·ref underflows); without the gate they move."""
+    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype), dtype)
     assert torch.equal(after[1], before[1]) and torch.equal(after[2][0], before[2][0])
     assert (after[2][1:] != before[2][1:]).all() and (after[0] != before[0]).all()
     before, after = _zero_history_run(_gated_rule(0.0, dtype=dtype), dtype)
