@@ -270,11 +270,16 @@ def learned_update(
 
     Per tensor, with d and c the NFN's two output channels:
 
-        Δ = -lr·α·(u + B·tanh(β·d/B))·exp(clamp(γ·c, -L, L))  and, decoupled, -lr·α·wd·p
+        Δ = -lr·α·(u + g·B·tanh(β·d/B))·exp(g·clamp(γ·c, -L, L))  and, decoupled, -lr·α·wd·p
 
     α, β, γ = the config's initial values times exp(log_alpha), exp(log_beta), exp(log_gamma);
     B = ``max_deviation``, L = ``max_log_scale``. A tensor whose gradient is not finite keeps its
-    parameters and statistics.
+    parameters and statistics. The gate g is 1 where ``gate_floor`` F is 0; else, per element,
+
+        g = e / (e + F·ref),  e = sqrt(v̂ + floor) - sqrt(floor),  ref² = mean of (v̂ + floor)
+
+    the mean taken over every element of every tensor of the weight space (of the tensor's
+    component, in a batch of spaces), with v̂ after this step's update.
     """
     cfg = rule.config
     f = cfg.features
@@ -283,7 +288,7 @@ def learned_update(
     lrs = [1.0] * len(params) if lrs is None else lrs
     weight_decays = [0.0] * len(params) if weight_decays is None else weight_decays
 
-    oks, new_states, directions, xs, contexts = [], [], [], [], []
+    oks, new_states, directions, roots, xs, contexts = [], [], [], [], [], []
     for ti, (p, g, state) in enumerate(zip(params, grads, states)):
         ok = is_finite(g)
         if ok:
@@ -302,6 +307,7 @@ def learned_update(
         oks.append(ok)
         new_states.append(state)
         directions.append(u)
+        roots.append(root_v)
         xs.append(to_canonical(x, tensors[ti]))
         contexts.append(ctx)
     ys = nfn(rule, group, xs, torch.stack(contexts))
@@ -310,6 +316,13 @@ def learned_update(
     beta = cfg.beta * rule.log_beta.exp()
     gamma = cfg.gamma * rule.log_gamma.exp()
     bound, limit = cfg.max_deviation, cfg.max_log_scale
+    floor = getattr(cfg, "gate_floor", 0.0)
+    components = group.space.components or (0,) * len(tensors)
+    refs = {}
+    for k in set(components):
+        members = [ti for ti in range(len(tensors)) if components[ti] == k]
+        total = sum(roots[ti].square().sum() for ti in members)
+        refs[k] = torch.sqrt(total / max(sum(roots[ti].numel() for ti in members), 1))
     new_params = []
     for ti, (p, u, y, ok, lr, wd) in enumerate(zip(params, directions, ys, oks, lrs, weight_decays)):
         if not ok:
@@ -318,7 +331,11 @@ def learned_update(
         d, c = from_canonical(y, tensors[ti])
         if group.flips(ti):
             c = c * torch.sign(u)  # c flips with the weights; the step size exp(γ·c) must not
-        step = (u + bound * torch.tanh(beta * d / bound)) * torch.exp(torch.clamp(gamma * c, -limit, limit))
+        gate = 1.0
+        if floor:
+            e = roots[ti] - math.sqrt(SQRT_FLOOR)
+            gate = e / (e + floor * refs[components[ti]])
+        step = (u + gate * bound * torch.tanh(beta * d / bound)) * torch.exp(gate * torch.clamp(gamma * c, -limit, limit))
         rate = lr * alpha
         new_params.append(p - rate * wd * p - rate * step)
     return new_params, new_states, oks

@@ -500,6 +500,28 @@ def test_rule_files_with_the_old_content_key_load(tmp_path):
     assert_same_rule(load_rule(path), rule)
 
 
+def test_a_gated_rule_round_trips(tmp_path):
+    path = tmp_path / "gated.nfopt"
+    rule = save_fresh(path, gate_floor=0.25)
+    back = load_rule(path)
+    assert_same_rule(back, rule)
+    assert back.config.gate_floor == 0.25 and read_metadata(path)["config"]["gate_floor"] == 0.25
+
+
+def test_rules_without_a_gate_are_written_and_read_as_before_it_existed(tmp_path):
+    """A rule without the gate is written without the key (files earlier versions read); a config
+    without it, as every earlier file has, loads as a rule without the gate."""
+    path = tmp_path / "plain.nfopt"
+    rule = save_fresh(path, hidden_channels=5)
+    assert "gate_floor" not in read_metadata(path)["config"]
+    rewrite(path, mutate_meta=lambda m: m["config"].pop("gate_floor", None))
+    back = load_rule(path)
+    assert_same_rule(back, rule)
+    assert back.config.gate_floor == 0.0
+    assert "gate_floor" not in read_metadata(default_checkpoint_path())["config"]
+    assert load_rule(default_checkpoint_path()).config.gate_floor == 0.0
+
+
 def test_committed_checkpoints_load_as_rules():
     """The shipped default and the benchmark checkpoints, all written by earlier nfopt versions."""
     paths = [default_checkpoint_path(), *sorted((ROOT / "benchmarks" / "checkpoints").rglob("*.nfopt"))]
@@ -526,6 +548,7 @@ def test_committed_checkpoints_load_as_rules():
         (None, lambda m: (old_style(m), m.__setitem__("kind", "something else")), "not a learned-update"),
         (None, lambda m: m["config"].__setitem__("activation", "swish"), "config cannot be read"),
         (None, lambda m: m["config"].__setitem__("alpha", -1.0), "config cannot be read"),
+        (None, lambda m: m["config"].__setitem__("gate_floor", -0.1), "config cannot be read"),
         (None, lambda m: m.pop("config"), "config cannot be read"),
     ],
 )

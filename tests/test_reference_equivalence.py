@@ -94,6 +94,13 @@ def _cases() -> dict[str, Case]:
     cases["per_element_last-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "pooled_last": False})
     for seed in range(3):
         cases[f"random{seed}"] = Case(lambda seed=seed: random_spec(seed), CONFIGS[seed])
+    # the gate on the learned part: floors where it is near 1, near 0, and in between
+    cases["gated-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "gate_floor": 0.5})
+    cases["gated-independent-mlp2_tanh"] = Case(lambda: _independent("mlp2_tanh"), {"gate_floor": 0.05})
+    cases["gated-signs-mlp2_tanh"] = Case(lambda: _signs("mlp2_tanh"), {**CONFIGS[2], "sign_flips": True, "gate_floor": 2.0})
+    cases["gated-nan-signs-weird"] = Case(lambda: _signs("weird"), {"sign_flips": True, "gate_floor": 0.3}, nonfinite=1)
+    cases["gated-every_relation"] = Case(every_relation_spec, {"pooled_last": False, "gate_floor": 0.5})
+    cases["gated-random1"] = Case(lambda: random_spec(1), {**CONFIGS[1], "gate_floor": 1.0})
     return cases
 
 

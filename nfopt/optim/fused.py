@@ -60,7 +60,7 @@ class _Pass(ctypes.Structure):
         ("lane", _i64), ("merged", _i64),
         ("members", _i64), ("threads", _i64),
         ("momenta", _i64), ("adam_index", _i64), ("n_layers", _i64), ("mode", _i64),
-        ("activation", _i64), ("flips", _i64),
+        ("activation", _i64), ("flips", _i64), ("gate", _i64),
         ("width", _i64 * (MAX_LAYERS + 1)),
         ("p", _ptr), ("g", _ptr), ("m", _ptr), ("v", _ptr),
         ("member", _ptr),
@@ -79,7 +79,7 @@ class _Pass(ctypes.Structure):
         ("acc_stride", (_i64 * 6) * MAX_ACC),
         ("acc_scale", _f64 * MAX_ACC),
         ("mean", _ptr * MAX_ACC),
-        ("sumsq", _ptr), ("gsum", _ptr), ("inverse_rms", _ptr), ("finite", _ptr),
+        ("sumsq", _ptr), ("gsum", _ptr), ("inverse_rms", _ptr), ("finite", _ptr), ("rootsq", _ptr),
     ]
 
 
@@ -229,7 +229,7 @@ class _Workspace:
         self.merged = merged
         base.members, base.threads = members, threads
         base.momenta, base.adam_index, base.n_layers = len(cfg.momentum_decays), cfg.adam_momentum, len(widths) - 1
-        base.activation, base.flips = activation, int(flips)
+        base.activation, base.flips, base.gate = activation, int(flips), int(config.gate_floor > 0)
         base.width[: len(widths)] = widths
         base.p, base.g, base.m, base.v = (ctypes.addressof(a) for a in self.pointers)
         base.rates[: len(cfg.momentum_decays)] = [1 - d for d in cfg.momentum_decays]
@@ -239,6 +239,7 @@ class _Workspace:
         c0 = widths[0]
         self.sumsq = torch.empty((threads, members, c0), dtype=torch.float64)
         self.gsum = torch.empty((threads, members), dtype=torch.float64)
+        self.rootsq = torch.empty((threads, members), dtype=torch.float64)
         self.inverse_rms = torch.empty((members, c0), dtype=dtype)
         self.finite = torch.empty(members, dtype=dtype)
         self._passes: dict[int, tuple[tuple[frozenset[int], ...], _Pass, dict[frozenset[int], torch.Tensor]]] = {}
@@ -272,6 +273,7 @@ class _Workspace:
         s.inverse_rms = self.inverse_rms.data_ptr()
         if mode == 0:
             s.sumsq, s.gsum, s.finite = self.sumsq.data_ptr(), self.gsum.data_ptr(), self.finite.data_ptr()
+            s.rootsq = self.rootsq.data_ptr()
         self._passes[mode] = (keys, s, _DerivedMeans(means, derived, self.canonical))
         self._buffers += keep
         return self._passes[mode][1:]
@@ -388,7 +390,7 @@ class FusedPasses:
         return code
 
     def first_pass(self, dims: Sequence[tuple[int, ...]], member: torch.Tensor) -> bool:
-        """Pass 0 with the members' scalars ``member`` (B, 5): the features' inverse RMS and the
+        """Pass 0 with the members' scalars ``member`` (B, 6): the features' inverse RMS and the
         means over ``dims`` of the features scaled by it; False where a gradient held a
         non-finite value (see ``finite``)."""
         ws = self._ws
@@ -407,6 +409,16 @@ class FusedPasses:
     def inverse_rms(self) -> torch.Tensor:
         """(B, C) the inverse RMS of the members' features from the last pass 0."""
         return self._ws.inverse_rms
+
+    @property
+    def root_sums(self) -> torch.Tensor:
+        """(B,) float64: each member's sum of v̂ + ε (sqrt(v̂ + ε) squared) over its elements, from
+        the last pass 0 of a rule with a gate (read before the bucket's next step)."""
+        return self._ws.rootsq[0]
+
+    def set_gate(self, floor: torch.Tensor) -> None:
+        """The members' F·ref (B,) of the gate, which the last pass reads from their scalars."""
+        self._member[:, 5] = floor
 
     def known_means(self) -> KnownMeans:
         return KnownMeans(self._means.complete())
@@ -447,11 +459,12 @@ class FusedStep:
         self._member = self._table(torch.ones(len(self._counters), dtype=dtype))
 
     def _table(self, ok: torch.Tensor) -> torch.Tensor:
-        """The loop's per-member scalars (N, 5): flag, bias corrections, rate, weight decay."""
+        """The loop's per-member scalars (N, 6): flag, bias corrections, rate, weight decay, and
+        the gate's F·ref (set after pass 0, see :meth:`FusedPasses.set_gate`)."""
         self.ok, self.step = ok, self._before + ok
         bc1, bc2 = bias_corrections(self.step, self._cfg)
         lr, wd = self._rates
-        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd], 1).to(torch.float64)
+        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd, torch.zeros_like(ok)], 1).to(torch.float64)
 
     def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, None]]:
         """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means

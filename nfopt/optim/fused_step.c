@@ -14,6 +14,7 @@
  * that of the PyTorch path (nfopt/optim/rule.py, features.py, nn/layer.py), in the same order
  * where it matters, so results agree to rounding.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,11 +26,13 @@
 #endif
 #ifdef REAL_IS_DOUBLE
 #define TANH tanh
+#define REAL_TINY DBL_MIN
 #define EXP exp
 #define SQRT sqrt
 #define ERF erf
 #else
 #define TANH tanh_f
+#define REAL_TINY FLT_MIN
 #define EXP exp_f
 #define SQRT sqrtf
 #define ERF erff
@@ -88,9 +91,11 @@ typedef struct {
     int64_t momenta, adam_index, n_layers, mode; /* mode 0: features; k < n_layers: layer k-1's
                                                     output; n_layers: the update */
     int64_t activation, flips;
+    int64_t gate;             /* the learned part gated by g = e / (e + F·ref) (see `update`) */
     int64_t width[MAX_LAYERS + 1];
     REAL **p, **g, **m, **v;  /* per member */
-    const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay */
+    const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay,
+                                 the gate's F·ref (set after pass 0) */
     double rates[MAX_MOMENTA];  /* 1 - decay, per momentum */
     double v_rate, eps, sqrt_floor, rms_eps, beta_over_bound, gamma, bound, limit;
     const REAL *a[MAX_LAYERS];  /* (members?, out, in); the first layer's for unscaled inputs */
@@ -111,6 +116,8 @@ typedef struct {
     REAL *inverse_rms;        /* (members, channels): out in pass 0, which scales its means and the
                                  first layer's weights by it in later passes */
     REAL *finite;             /* out, pass 0: (members,) 1 where the gradient is finite */
+    double *rootsq;           /* pass 0 with a gate: (threads, members) sums of sqrt(v̂ + ε)²; out in
+                                 the first thread's row */
 } Pass;
 
 typedef REAL Block[BLOCK];
@@ -541,22 +548,33 @@ static Scratch *thread_scratch(int64_t merged, int64_t channels) {
     return scratch;
 }
 
-/* A block's new parameters: the bounded residual on Adam's direction u, scaled, with decoupled
- * weight decay; y0, y1 are the network's outputs. Its own function: inside `row`, the compiler
- * gives up vectorizing it. */
-static void update(const Pass *s, REAL *restrict out, const REAL *restrict p, const REAL *restrict y0,
-                   const REAL *restrict y1, const REAL *restrict u, REAL rate, REAL wd) {
+/* A block's new parameters: the bounded residual on Adam's direction u, gated per element by
+ * `gate` where it is not null, scaled, with decoupled weight decay; y0, y1 are the network's
+ * outputs. Its own function: inside `row`, the compiler gives up vectorizing it. */
+static inline __attribute__((always_inline)) void update_block(const Pass *s, REAL *restrict out, const REAL *restrict p,
+                                                               const REAL *restrict y0, const REAL *restrict y1,
+                                                               const REAL *restrict u, const REAL *restrict gate,
+                                                               REAL rate, REAL wd, const int gated) {
     const REAL bb = (REAL)s->beta_over_bound, gamma = (REAL)s->gamma, bound = (REAL)s->bound, limit = (REAL)s->limit,
                keep = wd != 0 ? (REAL)1 - rate * wd : (REAL)1;
     const int flips = s->flips != 0;
     for (int64_t k = 0; k < BLOCK; k++) {
-        const REAL deviation = TANH(y0[k] * bb);
+        REAL deviation = TANH(y0[k] * bb);
         const REAL c = flips ? y1[k] * sign(u[k]) : y1[k];
         REAL e = gamma * c;
         e = e < -limit ? -limit : (e > limit ? limit : e);
+        if (gated) deviation *= gate[k], e *= gate[k];
         const REAL step = (u[k] + bound * deviation) * EXP(e);
         out[k] = (wd != 0 ? p[k] * keep : p[k]) + (-rate) * step;
     }
+}
+
+static void update(const Pass *s, REAL *restrict out, const REAL *restrict p, const REAL *restrict y0,
+                   const REAL *restrict y1, const REAL *restrict u, const REAL *restrict gate, REAL rate, REAL wd) {
+    if (gate)
+        update_block(s, out, p, y0, y1, u, gate, rate, wd, 1);
+    else
+        update_block(s, out, p, y0, y1, u, gate, rate, wd, 0);
 }
 
 static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thread) {
@@ -583,17 +601,23 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         stride *= s->n[d];
     }
     const int64_t b = at[0] = rest;
-    const double *mem = s->member + 5 * b;
+    const double *mem = s->member + 6 * b;
     const int ok = mem[0] != 0;
     const REAL bc1 = (REAL)mem[1], bc2 = (REAL)mem[2], rate = (REAL)mem[3], wd = (REAL)mem[4];
     const REAL inv_bc1 = (REAL)1 / bc1, inv_bc2 = (REAL)1 / bc2; /* products, not quotients, per element */
     const REAL ok_r = ok ? (REAL)1 : (REAL)0, v_rate = (REAL)s->v_rate * ok_r;
+    const int gated = s->gate != 0, gate_sums = gated && s->mode == 0 && s->flips; /* else from sumsq */
+    const REAL root0 = SQRT(fl); /* sqrt(v̂ + ε) where v̂ = 0, rounded alike */
+    const REAL floor_ref = (REAL)mem[5] > REAL_TINY ? (REAL)mem[5] : REAL_TINY; /* > 0 where F·ref underflows */
+    Block gate;
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];
     for (int64_t k = 0; k < BLOCK; k++) index[k] = (int32_t)(k * ls);
-    RowSums totals, sumsq, gsum; /* sumsq: of the features; gsum: of the gradient */
+    RowSums totals, sumsq, gsum, rootsq; /* sumsq: of the features; gsum: of the gradient; rootsq:
+                                            of sqrt(v̂ + ε) before flips, for the gate */
     clear_sums(&totals, s->width[s->mode]);
     if (s->mode == 0) clear_sums(&sumsq, C0), clear_sums(&gsum, 1);
+    if (gate_sums) clear_sums(&rootsq, 1);
     LayerRow layers[MAX_LAYERS];
     for (int64_t l = 0; l < L && l < s->mode; l++) layer_row(s, l, at, &layers[l], s->merged ? w->pattern[l] : NULL);
     /* merged lanes: blocks of whole periods, so that every block starts at a period's start */
@@ -603,6 +627,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         if (!last && k0 && k0 / blen % SPILL_BLOCKS == 0) {
             spill(&totals, s->width[s->mode]);
             if (s->mode == 0) spill(&sumsq, C0), spill(&gsum, 1);
+            if (gate_sums) spill(&rootsq, 1);
         }
         const int64_t len = n_lane - k0 < blen ? n_lane - k0 : blen, e = k0 * ls;
         /* features: p, g, the new momenta, sqrt(v̂), u; p and g read where they are if they can
@@ -637,6 +662,12 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
             x[root][k] = SQRT(v[k] * inv_bc2 + fl);
             x[dir][k] = x[2 + s->adam_index][k] * inv_bc1 / (x[root][k] + eps);
         }
+        if (gate_sums) add_block(&rootsq, 0, x[root], len, 1);
+        if (gated && last)
+            for (int64_t k = 0; k < BLOCK; k++) {
+                const REAL e = x[root][k] - root0;
+                gate[k] = e / (e + floor_ref);
+            }
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
         if (s->mode == 0) {
@@ -656,7 +687,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         }
         /* the update, then the statistics */
         Block out;
-        update(s, out, xin[0], in[0], in[1], u, rate, wd);
+        update(s, out, xin[0], in[0], in[1], u, gated ? gate : NULL, rate, wd);
         store(P + e, out, len, ls, index);
         for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
         store(V + e, v, len, ls, index);
@@ -669,6 +700,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         s->gsum[thread * B + b] += gsum.sum[0];
         for (int64_t c = 0; c < C0; c++) s->sumsq[(thread * B + b) * C0 + c] += sumsq.sum[c];
     }
+    if (gate_sums) spill(&rootsq, 1), s->rootsq[thread * B + b] += rootsq.sum[0];
 }
 
 /* Sum the threads' buffers into the first, in thread order (the same result for any schedule). */
@@ -690,6 +722,7 @@ static int run(const Pass *s) {
     if (s->mode == 0) {
         memset(s->sumsq, 0, sizeof(double) * T * B * C0);
         memset(s->gsum, 0, sizeof(double) * T * B);
+        if (s->gate) memset(s->rootsq, 0, sizeof(double) * T * B);
     }
     if (s->lane < 0 || s->lane > 3 || (s->merged && (s->lane != 2 || s->n[3] > MAX_PERIOD))) return 1;
     const int64_t per_row = s->merged ? s->n[2] * s->n[3] : s->n[s->lane];
@@ -733,6 +766,12 @@ static int run(const Pass *s) {
     if (s->mode == 0) {
         reduce(s->sumsq, B * C0, T);
         reduce(s->gsum, B, T);
+        if (s->gate) {
+            if (s->flips)
+                reduce(s->rootsq, B, T);
+            else /* sqrt(v̂ + ε) is a feature that does not flip: its squares are summed already */
+                for (int64_t b = 0; b < B; b++) s->rootsq[b] = s->sumsq[b * C0 + M + 2];
+        }
         const double n = (double)(s->n[0] * s->n[1] * s->n[2] * s->n[3]);
         for (int64_t b = 0; b < B; b++) {
             for (int64_t c = 0; c < C0; c++)

@@ -1,6 +1,6 @@
 """The learned update rule: features -> NFN -> a residual on Adam's step.
 
-    Δ = -lr · α · (u_adam + B·tanh(β·d / B)) · exp(clamp(γ·c, ±L))
+    Δ = -lr · α · (u_adam + g·B·tanh(β·d / B)) · exp(g·clamp(γ·c, ±L))
 
 d and c are the NFN's two output channels, α, β, γ meta-learned positive scalars, each stored as
 the log of its ratio to the config's initial value (so that a fresh rule's α is the configured
@@ -8,7 +8,19 @@ learning rate exactly, in any dtype).
 The NFN's last layer starts at zero, so a fresh rule is exactly Adam with learning rate α and
 meta-training moves away from Adam only where that helps. B (``max_deviation``) and L
 (``max_log_scale``) bound how far one step may stray from Adam's, per element: far from the
-meta-training distribution the rule stays a bounded perturbation of Adam. This module is the functional core
+meta-training distribution the rule stays a bounded perturbation of Adam.
+
+g is a per-element gate on the learned part (``gate_floor`` F; without one, F = 0, g = 1):
+
+    g = e / (e + F·ref),   e = sqrt(v̂ + ε) - sqrt(ε),   ref = sqrt(mean of (v̂ + ε) over the component)
+
+with v̂ Adam's bias-corrected second moment after this step's update and ε = SQRT_FLOOR (1e-30),
+so that e is sqrt(v̂) with a finite derivative at 0 and exactly 0 where v̂ is, and ref > 0. The
+mean is over every element of every tensor of the weight space (of its component, in a batch of
+spaces): invariant to permutations and sign flips. Where the gradient history is zero, v̂ = 0 gives
+u_adam = 0 and g = 0, so Δ = 0 (whatever the NFN says); where the gradients are at rounding-noise
+level relative to the rest of the model (r = sqrt(v̂)/ref tiny), g ≈ r/F and the step is Adam's
+to within that fraction. This module is the functional core
 shared by :class:`~nfopt.optim.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
 
@@ -31,10 +43,10 @@ import torch
 from torch import nn
 
 from .features import (
-    STATISTICS, FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics,
+    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics,
 )
 from ..weight_space import MonomialSpec, WeightSpaceSpec
-from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, from_canonical, plan_for, to_canonical
+from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, constant, from_canonical, plan_for, to_canonical
 from ..nn.nfn import NFN, ChunkMeans, ChunkPasses
 from ..nn.layer import index
 from .blocks import Blocks
@@ -63,6 +75,7 @@ class UpdateConfig:
     max_deviation: float = 3.0
     max_log_scale: float = 2.0
     sign_flips: bool = False  # equivariant to sign flips of hidden neurons that admit them (tanh)
+    gate_floor: float = 0.0  # > 0: the learned part gated per element by g = r/(r + gate_floor) (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
@@ -72,9 +85,18 @@ class UpdateConfig:
                 f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
                 f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
+        object.__setattr__(self, "gate_floor", float(self.gate_floor))
+        if not self.gate_floor >= 0 or not math.isfinite(self.gate_floor):
+            raise ValueError(f"gate_floor must be finite and at least 0, got {self.gate_floor}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; without ``gate_floor`` where it is 0 (no gate), so that a rule
+        without a gate is written, and fingerprinted, as it was before the option existed (and
+        earlier nfopt versions still read its files)."""
+        d = asdict(self)
+        if not self.gate_floor:
+            del d["gate_floor"]
+        return d
 
 
 class LearnedUpdate(nn.Module):
@@ -131,10 +153,14 @@ class LearnedUpdate(nn.Module):
         new_params: list[torch.Tensor | None] = [None] * len(params)
         new_states: list[dict[str, torch.Tensor] | None] = [None] * len(params)
         new_oks: list[torch.Tensor | None] = [None] * len(params)
-        for bucket, y, s in zip(plan.buckets, ys, buckets):
+        floors = self._gate_floors(plan, [s.root_sq for s in buckets])
+        for bucket, y, s, floor in zip(plan.buckets, ys, buckets, floors):
             m = bucket.members
             y = from_canonical(y, bucket.plan, bucket.shape)
-            new = self._step(s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket))
+            gate = None if floor is None else _gate(s.root_v, floor)
+            new = self._step(
+                s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket), gate
+            )
             for j, i in enumerate(m):
                 new_params[i], new_oks[i] = new[j], s.ok[j]
                 new_states[i] = {k: v[j] for k, v in s.state.items()}
@@ -205,6 +231,9 @@ class LearnedUpdate(nn.Module):
             if b not in stats:
                 stats[b] = p.statistics(first.needed_means(plan, b))
         firsts, contexts, scales = (list(column) for column in zip(*(stats[b] for b in range(len(passes)))))
+        if self.config.gate_floor:
+            for p, floor in zip(passes, self._gate_floors(plan, [p.root_sums for p in passes])):
+                p.set_gate(floor)
         self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
         for p in passes:
             p.write_back()
@@ -229,19 +258,45 @@ class LearnedUpdate(nn.Module):
         state = update_statistics(g, state, cfg, ok)
         u, root_v = adam_direction(state, cfg)
         x, inv, context_ = features(p, g, state, u, root_v, cfg)
-        return _BucketStep(_odd_features(x, u) if _flips(bucket) else x, p, g, u, state, ok, context_, inv)
+        x = _odd_features(x, u) if _flips(bucket) else x
+        root_sq = _square_sums(root_v) if self.config.gate_floor else None
+        return _BucketStep(x, p, g, u, state, ok, context_, inv, root_v, root_sq)
+
+    def _gate_floors(self, plan: BucketPlan, root_sums: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per bucket, its members' F·ref (B,) for the gate (see the module's docstring), from each
+        member's sum of v̂ + ε over its elements (``root_sums[b]``: (B,)); Nones without a gate."""
+        if not self.config.gate_floor:
+            return [None] * len(root_sums)
+        components, counts = _components(plan)
+        dtype = root_sums[0].dtype
+        for r in root_sums[1:]:
+            dtype = torch.promote_types(dtype, r.dtype)
+        sums = torch.cat([r.to(dtype=dtype, device=root_sums[0].device) for r in root_sums])
+        count = constant(counts, sums)
+        if components is None:
+            floors = (self.config.gate_floor * torch.sqrt(sums.sum() / count[0])).expand(len(sums))
+        else:
+            at = index(components, sums.device)
+            totals = sums.new_zeros(len(counts)).index_add(0, at, sums)
+            floors = (self.config.gate_floor * torch.sqrt(totals / count))[at]
+        return list(floors.split([len(b.members) for b in plan.buckets]))
 
     def _step(
         self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor,
         lrs: list[float | torch.Tensor], weight_decays: list[float | torch.Tensor], flips: bool,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New params of a bucket from the NFN's output ``y`` (B, 2, *shape): the bounded
-        residual on Adam's direction, scaled, with decoupled weight decay at the members' rates."""
+        residual on Adam's direction, gated per element by ``gate`` (B, *shape) where there is
+        one, scaled, with decoupled weight decay at the members' rates."""
         alpha, beta, gamma = self.scalars()
         bound, limit = self.config.max_deviation, self.config.max_log_scale
         deviation = torch.tanh(y[:, 0] * (beta / bound))
         c = y[:, 1] * torch.sign(u) if flips else y[:, 1]
-        step = torch.add(u, deviation, alpha=bound) * torch.exp(torch.clamp(gamma * c, -limit, limit))
+        log_scale = torch.clamp(gamma * c, -limit, limit)
+        if gate is not None:
+            deviation, log_scale = deviation * gate, log_scale * gate
+        step = torch.add(u, deviation, alpha=bound) * torch.exp(log_scale)
         lr, wd = _member_values(lrs, p), _member_values(weight_decays, p)
         rate = (lr * per_member(ok, p)) * alpha
         decayed = p * (1 - rate * wd) if torch.is_tensor(wd) or wd else p
@@ -265,6 +320,8 @@ class _BucketStep(NamedTuple):
     ok: torch.Tensor  # (B,) 1 where the gradient was finite
     context: torch.Tensor
     scale: torch.Tensor  # (B, C) inverse RMS of the features
+    root_v: torch.Tensor | None = None  # sqrt(v̂ + ε) (B, *shape), None in chunks
+    root_sq: torch.Tensor | None = None  # (B,) its sums of squares, with a gate
 
 
 class _EagerPasses(ChunkPasses):
@@ -283,11 +340,21 @@ class _EagerPasses(ChunkPasses):
         self.rule, self.bucket, self.params, self.states = rule, bucket, params, states
         self.lrs, self.weight_decays = lrs, weight_decays
         self.work: _BucketStep | None = None
+        self.floor: torch.Tensor | None = None  # the members' F·ref of the gate, where there is one
         self._stacked = _stacked_members(params, grads, states)
 
     @property
     def ok(self) -> torch.Tensor:
         return self.work.ok
+
+    @property
+    def root_sums(self) -> torch.Tensor:
+        """(B,) each member's sum of v̂ + ε over its elements (with a gate, after the first pass)."""
+        return self.work.root_sq
+
+    def set_gate(self, floor: torch.Tensor) -> None:
+        """The members' F·ref (B,) that the last pass gates the learned part with."""
+        self.floor = floor
 
     def statistics(self, dims: Sequence[tuple[int, ...]]) -> tuple[ChunkMeans, torch.Tensor, torch.Tensor]:
         """Update the statistics; the means over ``dims`` of the features, the context and scales."""
@@ -310,30 +377,38 @@ class _EagerPasses(ChunkPasses):
         cfg = self.rule.config.features
         g, ok = _finite(g)
         step = state["step"] + ok
-        sumsq = None
+        sumsq = root_sq = None
+        gated = bool(self.rule.config.gate_floor)
         for rows in _row_chunks(self.bucket, CHUNK_ELEMENTS):
             chunk = _rows(state, rows)
             new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
             chunk["momenta"].copy_(new["momenta"])
             chunk["v"].copy_(new["v"])
             self.work = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
-            x = self._features(rows)
+            x, root_v = self._features_and_root(rows)
             part = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
             sumsq = part if sumsq is None else sumsq + part
+            if gated:
+                part = _square_sums(root_v)
+                root_sq = part if root_sq is None else root_sq + part
             means.add(x, rows)
         state["step"].copy_(step)
         inv = torch.rsqrt(sumsq / max(math.prod(self.bucket.shape), 1) + cfg.rms_eps)
-        return _BucketStep(None, p, g, None, state, ok, context(step, inv, cfg), inv)
+        return _BucketStep(None, p, g, None, state, ok, context(step, inv, cfg), inv, None, root_sq)
 
     def _features(self, rows: slice) -> torch.Tensor:
         """The stacked features (B, C, rows, *canonical[1:]) of a chunked bucket's rows."""
+        return self._features_and_root(rows)[0]
+
+    def _features_and_root(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_features`, and sqrt(v̂ + ε) of the rows (B, rows, *shape[1:])."""
         s = self.work
         chunk = {"step": s.state["step"], **_rows(s.state, rows)}
         u, root_v = adam_direction(chunk, self.rule.config.features)
         x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v)
         if _flips(self.bucket):
             x = _odd_features(x, u)
-        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *self.bucket.plan.canonical[1:])
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2], *self.bucket.plan.canonical[1:]), root_v
 
     def _chunks_of(self) -> Iterable[tuple[slice | None, torch.Tensor]]:
         if self.work.x is not None:
@@ -345,12 +420,13 @@ class _EagerPasses(ChunkPasses):
     def _consume_rows(self, rows: slice | None, y: torch.Tensor) -> None:
         s, bucket = self.work, self.bucket
         if s.u is not None:
-            u, y = s.u, from_canonical(y, bucket.plan, bucket.shape)
+            u, root_v, y = s.u, s.root_v, from_canonical(y, bucket.plan, bucket.shape)
         else:
-            u, _ = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, self.rule.config.features)
+            u, root_v = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, self.rule.config.features)
             y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
+        gate = None if self.floor is None else _gate(root_v, self.floor)
         target = _rows_of(s.p, rows)
-        target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket)))
+        target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket), gate))
 
     def write_back(self) -> None:
         """Stacked copies written back into the members' own tensors."""
@@ -466,6 +542,35 @@ def _member_values(values: list[float | torch.Tensor], like: torch.Tensor) -> fl
     if all(v is first for v in values) or (isinstance(first, float) and all(isinstance(v, float) and v == first for v in values)):
         return first
     return per_member(torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values]), like)
+
+
+def _square_sums(root_v: torch.Tensor) -> torch.Tensor:
+    """Each member's sum of squares (B,) of a stacked (B, *shape) tensor."""
+    flat = root_v.reshape(root_v.shape[0], -1)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def _gate(root_v: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The gate g = e / (e + F·ref) (B, *shape) of the learned part, from sqrt(v̂ + ε) (B, *shape)
+    and the members' F·ref (B,), at least the dtype's smallest normal number; e = sqrt(v̂ + ε) -
+    sqrt(ε) is exactly 0 where v̂ is (the same rounded square root of ε on both sides)."""
+    e = root_v - torch.sqrt(constant([SQRT_FLOOR], root_v))
+    floor = floor.to(root_v.dtype).clamp(min=torch.finfo(root_v.dtype).tiny)  # > 0 even where F·ref underflows
+    return e / (e + per_member(floor, e))
+
+
+@lru_cache(maxsize=256)
+def _components(plan: BucketPlan) -> tuple[tuple[int, ...] | None, tuple[float, ...]]:
+    """Each member's component in bucket order (None: one space) and the elements of each
+    component (at least 1), for the gate's per-component mean."""
+    if all(b.components is None for b in plan.buckets):
+        return None, (float(max(sum(len(b.members) * math.prod(b.shape) for b in plan.buckets), 1)),)
+    rows = tuple(c for b in plan.buckets for c in b.components)
+    counts = [0] * (max(rows) + 1)
+    for b in plan.buckets:
+        for c in b.components:
+            counts[c] += math.prod(b.shape)
+    return rows, tuple(float(max(n, 1)) for n in counts)
 
 
 def _odd_features(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

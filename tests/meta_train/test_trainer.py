@@ -31,6 +31,8 @@ def test_overrides_are_typed_by_the_config_fields():
     assert c.rule.features.time_scales == (10.0, 1000.0) and c.checkpoint_path == "x.nfopt.train.pt"
     assert MetaConfig.from_dict(c.to_dict()) == c
     assert MetaConfig.from_dict({"clip": 2, "rule": {"hidden_channels": 3}}).clip == 2.0
+    assert MetaConfig().with_overrides(["rule.gate_floor=0.01"]).rule.gate_floor == 0.01
+    assert MetaConfig.from_dict({"rule": {"gate_floor": 0}}).rule.gate_floor == 0.0
     for bad, message in [("nope=1", "unknown config field"), ("rule.nope=1", "unknown config field"),
                          ("tasks_per_step=two", "takes a int"), ("first_order=maybe", "true or false"),
                          ("tasks_per_step=0", ">= 1"), ("horizon_max=10", "below horizon_min"), ("seed", "key=value"),

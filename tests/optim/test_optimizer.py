@@ -325,6 +325,7 @@ def test_fingerprint_tells_configs_apart():
     b = NFNOptimizer(params, rule=fresh_rule(alpha=3e-3)).rule_fingerprint
     assert a != b
     assert a == NFNOptimizer(params, rule=fresh_rule(alpha=1e-3).double()).rule_fingerprint
+    assert a != NFNOptimizer(params, rule=fresh_rule(alpha=1e-3, gate_floor=0.1)).rule_fingerprint
 
 
 def test_assigning_a_rule_checks_it():

@@ -104,9 +104,9 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [b.reshape(-1) for b in floats])
 
 
-@pytest.mark.parametrize("handed_over", [False, True])
+@pytest.mark.parametrize("handed_over,gate_floor", [(False, 0.0), (True, 0.0), (True, 0.3)])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over):
+def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gate_floor):
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build().double()
@@ -120,8 +120,8 @@ def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over):
 
     def optimizer(m):
         if handed_over:
-            return NFNOptimizer.for_model(m, rule=open_rule(), example_inputs=(data[0][0],))
-        return NFNOptimizer(m.parameters(), rule=open_rule())
+            return NFNOptimizer.for_model(m, rule=open_rule(gate_floor=gate_floor), example_inputs=(data[0][0],))
+        return NFNOptimizer(m.parameters(), rule=open_rule(gate_floor=gate_floor))
 
     train(model, optimizer(model), data)
     train(twin, optimizer(twin), data)
@@ -142,10 +142,10 @@ def test_handing_over_the_model_changes_the_updates():
     assert (flat(a) - flat(b)).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("sign_flips", [True, False])
-def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips):
+@pytest.mark.parametrize("sign_flips,gate_floor", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, gate_floor):
     """A rule meta-trained with sign flips, handed a tanh model, commutes with flipping hidden
-    neurons (as Adam does); a permutation-only rule does not, so the check can fail."""
+    neurons (as Adam does), with the gate too; a permutation-only rule does not, so the check can fail."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     data = batches((16, 5), 30)
@@ -155,7 +155,7 @@ def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips):
     twin = copy.deepcopy(model)
     act_model_(twin, labelling, element)
     for m in (model, twin):
-        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips), example_inputs=(data[0][0],)), data)
+        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips, gate_floor=gate_floor), example_inputs=(data[0][0],)), data)
     act_model_(model, labelling, element)
     a, b = flat(model), flat(twin)
     error = ((a - b).abs().max() / a.abs().max()).item()

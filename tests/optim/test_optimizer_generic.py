@@ -19,7 +19,7 @@ from nfopt.labelling import label_model
 from nfopt.optim import rule as rule_module
 
 from ..rules import fresh_rule, open_rule
-from .test_optimizer import mlp, train
+from .test_optimizer import batch, mlp, train
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -295,17 +295,68 @@ def test_compiling_the_step_compiles_nothing() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped default's learned residual reads the parameter where the gradient statistics "
-    "are zero, so it moves parameters without gradient; the fix changes what is meta-trained",
+def _gated_rule(gate_floor: float = 0.1):
+    """A rule with every weight random (the NFN far from Adam) and the gate on its learned part."""
+    from ..test_reference_equivalence import random_rule
+
+    return random_rule(0, gate_floor=gate_floor).float()
+
+
+ZERO_GRADIENT_PATHS = [("1", torch.float32), ("0", torch.float32), ("1", torch.float64), ("0", torch.float64)]
+"""(NFOPT_FUSED, dtype): the compiled loop and PyTorch ops, in both dtypes."""
+ZERO_GRADIENT_IDS = ["loop-float32", "torch-float32", "loop-float64", "torch-float64"]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param(
+            "default",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the shipped default's learned residual reads the parameter where the gradient statistics "
+                "are zero, so it moves parameters without gradient; the fix changes what is meta-trained",
+            ),
+        ),
+        "gated",
+        "gated, F·ref underflowing",
+    ],
 )
-def test_zero_gradients_leave_the_parameters_where_they_are() -> None:
-    """PyTorch's test_step_is_noop_for_zero_grads for the shipped default."""
-    model = mlp()
-    opt = NFNOptimizer(model.parameters())
+@pytest.mark.parametrize("fused,dtype", ZERO_GRADIENT_PATHS, ids=ZERO_GRADIENT_IDS)
+def test_zero_gradients_leave_the_parameters_where_they_are(rule: str, fused: str, dtype: torch.dtype, monkeypatch) -> None:
+    """PyTorch's test_step_is_noop_for_zero_grads, for the shipped default and for a rule with
+    random weights and the gate (``gate_floor``), whose learned part cannot move an element whose
+    gradient history is zero."""
+    monkeypatch.setenv("NFOPT_FUSED", fused)
+    model = mlp(dtype)
+    floors = {"gated": 0.1, "gated, F·ref underflowing": 1e-40}
+    opt = NFNOptimizer(model.parameters(), rule=_gated_rule(floors[rule])) if rule in floors else NFNOptimizer(model.parameters())
     before = [p.clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("fused,dtype", ZERO_GRADIENT_PATHS, ids=ZERO_GRADIENT_IDS)
+def test_with_a_gate_tensors_without_gradients_stay_while_the_others_train(fused: str, dtype: torch.dtype, monkeypatch) -> None:
+    """Labelled for the model (the tensors coupled): a bias whose gradient is always zero and a
+    weight row whose gradient is always zero keep their values to the bit over steps in which the
+    rest trains; the same rule without the gate moves them."""
+    monkeypatch.setenv("NFOPT_FUSED", fused)
+    moved = {}
+    for floor in (0.1, 0.0):
+        model = mlp(dtype)
+        opt = NFNOptimizer.for_model(model, rule=_gated_rule(floor))
+        first, bias = model[0], model[2].bias
+        before = (bias.detach().clone(), first.weight.detach()[0].clone())
+        for i in range(3):
+            opt.zero_grad()
+            x, y = batch(i, dtype)
+            nn.functional.cross_entropy(model(x), y).backward()
+            bias.grad.zero_()
+            first.weight.grad[0] = 0
+            opt.step()
+        moved[floor] = (not torch.equal(bias.detach(), before[0]), not torch.equal(first.weight.detach()[0], before[1]))
+        assert (first.weight.detach()[1:] != mlp(dtype)[0].weight.detach()[1:]).any()
+    assert moved == {0.1: (False, False), 0.0: (True, True)}

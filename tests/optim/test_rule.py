@@ -132,14 +132,16 @@ def _joined(inputs, field: str) -> list:
     return [v for x in inputs for v in getattr(x, field)]
 
 
-def test_a_batch_of_weight_spaces_steps_each_as_alone() -> None:
+@pytest.mark.parametrize("gate_floor", [0.0, 0.5])
+def test_a_batch_of_weight_spaces_steps_each_as_alone(gate_floor: float) -> None:
     """One rule call on a batch of weight spaces (different models, with and without sign flips)
     gives every tensor the update and statistics it gets when its space is stepped alone, in
-    float64 to 1e-10; joined without the batch's components, the global term would couple them."""
+    float64 to 1e-10; joined without the batch's components, the global term would couple them.
+    With the gate, its mean of v̂ is each space's own; the optimizer's in-place step agrees."""
     from ..test_reference_equivalence import assert_close, random_rule
     from nfopt.weight_space import WeightSpaceSpec, as_monomial, batch
 
-    rule = random_rule(0, sign_flips=True)
+    rule = random_rule(0, sign_flips=True, gate_floor=gate_floor)
     specs, inputs = _batch_inputs(rule)
     alone = [rule(s, x.params, x.grads, x.states, x.lrs, x.weight_decays) for s, x in zip(specs, inputs)]
     args = [_joined(inputs, f) for f in ("params", "grads", "states", "lrs", "weight_decays")]
@@ -151,8 +153,128 @@ def test_a_batch_of_weight_spaces_steps_each_as_alone() -> None:
     for i, (got, want) in enumerate(zip(together[1], expected_states)):
         for k in ("momenta", "v", "step"):
             assert_close(got[k], want[k], f"{k} {i}")
+    params = [p.clone() for p in args[0]]
+    states = [{k: v.clone() for k, v in st.items()} for st in args[2]]
+    rule.step_(batch(specs), params, args[1], states, args[3], args[4])
+    for i, (got, want) in enumerate(zip(params, expected)):
+        assert_close(got, want, f"param {i} in place")
     spaces = batch([as_monomial(s).space for s in specs])
     one_space = WeightSpaceSpec(spaces.tensors)  # the same sets, but one component
     coupled = rule(one_space, *args)
     plain = rule(spaces, *args)
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(coupled[0], plain[0]))
+
+
+# ---- the gate on the learned part (UpdateConfig.gate_floor) -----------------------------------------
+
+
+def _gated_rule(gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64) -> LearnedUpdate:
+    """A rule of the default shape with every weight random (the NFN is far from Adam)."""
+    from ..test_reference_equivalence import random_rule
+
+    return random_rule(seed, gate_floor=gate_floor).to(dtype)
+
+
+def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
+    """Steps of an MLP's space where b0 never has a gradient and row 0 of w1 never has one, the
+    rest random: the params before and after."""
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(t.shape, generator=g, dtype=dtype) for t in spec.tensors]
+    before = [p.clone() for p in params]
+    states = [init_state(p, rule.config.features) for p in params]
+    with torch.no_grad():
+        for _ in range(steps):
+            grads = [torch.randn(t.shape, generator=g, dtype=dtype) for t in spec.tensors]
+            grads[1].zero_()
+            grads[2][0].zero_()
+            params, states, _ = rule(spec, params, grads, states)
+    return before, params
+
+
+@pytest.mark.parametrize("floor", [0.1, 1e-50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor):
+    """Whatever the NFN's weights: a tensor with no gradient yet, and the elements of another
+    with none, keep their values to the bit while the rest move (also with a floor so small that
+    F·ref underflows); without the gate they move."""
+    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype), dtype)
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2][0], before[2][0])
+    assert (after[2][1:] != before[2][1:]).all() and (after[0] != before[0]).all()
+    before, after = _zero_history_run(_gated_rule(0.0, dtype=dtype), dtype)
+    assert (after[1] != before[1]).any() and (after[2][0] != before[2][0]).any()
+
+
+def _noise_steps(rule: LearnedUpdate, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """|Δ| per step of a bias whose gradients are 1e-7 of the other tensors', under the rule and
+    under torch's Adam (lr = the rule's α, its betas and eps) from the same gradients: (steps, 6) each."""
+    f = rule.config.features
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(4)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    states = [init_state(p, f) for p in params]
+    noisy = params[1].clone().requires_grad_()
+    adam = torch.optim.Adam([noisy], lr=rule.scalars()[0].item(), betas=(f.momentum_decays[f.adam_momentum], f.beta2), eps=f.eps)
+    ours, theirs = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+            grads[1] *= 1e-7
+            new, states, _ = rule(spec, params, grads, states)
+            ours.append((new[1] - params[1]).abs())
+            params = new
+            old = noisy.detach().clone()
+            noisy.grad = grads[1]
+            adam.step()
+            theirs.append((noisy.detach() - old).abs())
+    return torch.stack(ours), torch.stack(theirs)
+
+
+def test_with_a_gate_noise_level_gradients_step_no_further_than_adam():
+    """Gradients at 1e-7 of the rest of the model's (a conv bias before BatchNorm) get steps no
+    larger than Adam's, elementwise, to 2e-3 of the learning rate, at every one of 20 steps;
+    without the gate the learned part gives them steps far larger."""
+    tol = 2e-3
+    for floor in (1e-3, 0.1):
+        rule = _gated_rule(floor)
+        ours, adam = _noise_steps(rule)
+        alpha = rule.scalars()[0].item()
+        assert (ours <= adam * (1 + tol) + tol * alpha).all(), floor
+    rule = _gated_rule(0.0)
+    ours, adam = _noise_steps(rule)
+    alpha = rule.scalars()[0].item()
+    assert (ours > adam * (1 + tol) + tol * alpha).any()
+    assert (ours - adam).max() > 0.1 * alpha
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero", ["all", "one tensor"])
+def test_with_a_gate_meta_gradients_are_finite_at_zero_gradients(dtype, zero):
+    """Two differentiated steps from fresh statistics with every gradient zero (or one tensor's):
+    the meta-gradients with respect to every rule weight and every input are finite."""
+    rule = _gated_rule(0.1, dtype=dtype)
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(t.shape, generator=g, dtype=dtype).requires_grad_() for t in spec.tensors]
+    leaves = list(params)
+    states = [init_state(p, rule.config.features) for p in params]
+    for s in states:
+        for k in ("momenta", "v"):
+            s[k].requires_grad_()
+            leaves.append(s[k])
+    current = params
+    for _ in range(2):
+        grads = [torch.zeros(t.shape, dtype=dtype) for t in spec.tensors]
+        if zero == "one tensor":
+            grads = [torch.randn(t.shape, generator=g, dtype=dtype) for t in spec.tensors]
+            grads[1] = torch.zeros_like(grads[1])
+        grads = [(gr + 0 * p).requires_grad_() if not gr.requires_grad else gr for gr, p in zip(grads, current)]
+        leaves += grads
+        current, states, _ = rule(spec, current, grads, states)
+    loss = sum((p * p).sum() for p in current)
+    weights = list(rule.parameters())
+    got = torch.autograd.grad(loss, weights + leaves, allow_unused=True, materialize_grads=True)
+    for what, d in zip([n for n, _ in rule.named_parameters()] + ["input"] * len(leaves), got):
+        assert torch.isfinite(d).all(), what
+    if zero == "one tensor":
+        assert all(d.abs().sum() > 0 for d in got[: len(weights)])
