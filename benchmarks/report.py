@@ -107,8 +107,12 @@ def _speedup(s: Mapping[str, Any] | None) -> str:
     return f"{'≥ ' if s['lower_bound'] else ''}{s['value']:.2f}"
 
 
+def _record(w: Mapping[str, Any]) -> str:
+    return f"{w['wins']} / {w['ties']} / {w['losses']}"
+
+
 def _wins(w: Mapping[str, Any]) -> str:
-    return f"{w['wins']} / {w['ties']} / {w['losses']} | {w['win_rate']:.2f}"
+    return f"{_record(w)} | {w['win_rate']:.2f}"
 
 
 def _present(tasks: Sequence[Mapping[str, Any]], names: Sequence[str], where: str = "optimizers") -> list[str]:
@@ -251,7 +255,7 @@ def _summary_section(suite: Mapping[str, Any], tasks: Sequence[Mapping[str, Any]
                 [
                     [
                         NAMES[nfn],
-                        _wins(summ[f"{nfn}_vs_adam_tuned"]).split(" | ")[0],
+                        _record(summ[f"{nfn}_vs_adam_tuned"]),
                         f"{summ['test_loss_vs_adam_tuned'][nfn]['no_worse']} / {summ['test_loss_vs_adam_tuned'][nfn]['losses']}",
                         _speedup(summ[f"median_speedup_{nfn}"]),
                         f"{growth[nfn]} of {len(tasks)}",
