@@ -1,7 +1,7 @@
 """Benchmark NFNOptimizer, bare and told the model (for_model), against Adam (at 1e-3 and tuned), tuned
 AdamW (weight decay 0.01), tuned SGD with momentum and a per-element ablation.
 
-    python -m benchmarks            # the full suite (about 18 min on 2 cores):
+    python -m benchmarks            # the full suite (about 20 min on 2 cores):
                                     #   benchmarks/RESULTS.md, benchmarks/results/{benchmark.json,plots/}
     python -m benchmarks --quick    # a smoke test in under 3 minutes: benchmarks/results/quick/
 
