@@ -1,6 +1,7 @@
-"""Benchmark NFNOptimizer against Adam (at 1e-3 and tuned), tuned SGD with momentum and a per-element ablation.
+"""Benchmark NFNOptimizer, bare and told the model (for_model), against Adam (at 1e-3 and tuned), tuned
+AdamW (weight decay 0.01), tuned SGD with momentum and a per-element ablation.
 
-    python -m benchmarks            # the full suite (about 16 min on 2 cores):
+    python -m benchmarks            # the full suite (about 20 min on 2 cores):
                                     #   benchmarks/RESULTS.md, benchmarks/results/{benchmark.json,plots/}
     python -m benchmarks --quick    # a smoke test in under 3 minutes: benchmarks/results/quick/
 
@@ -55,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, help="seeds per task (default 3; 2 with --quick)")
     ap.add_argument("--horizon", type=int, help="steps to the horizon for every task (default: each task's own)")
     ap.add_argument("--adam-grid", type=_grid, help="comma-separated Adam learning rates; must include 1e-3")
+    ap.add_argument("--adamw-grid", type=_grid, help="comma-separated AdamW learning rates (default: the Adam grid)")
     ap.add_argument("--sgd-grid", type=_grid, help="comma-separated SGD learning rates")
     ap.add_argument("--ckpt", help="NFN checkpoint to benchmark (default: the one shipped in nfopt)")
     ap.add_argument("--ablation-ckpt", help=f"per-element NFN checkpoint (default: {DEFAULT_ABLATION_CKPT.relative_to(HERE.parent)})")
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("seeds", args.seeds),
             ("horizon", args.horizon),
             ("adam_grid", args.adam_grid),
+            ("adamw_grid", args.adamw_grid),
             ("sgd_grid", args.sgd_grid),
             ("ckpt", args.ckpt),
             ("ablation_ckpt", args.ablation_ckpt),
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.quick:
         print(
             f"QUICK RUN (smoke test, not the benchmark): {len(config.tasks)} tasks, {config.seeds} seeds, "
-            f"horizon {config.horizon}, Adam grid {config.adam_grid}, SGD grid {config.sgd_grid}; writing to {out}",
+            f"horizon {config.horizon}, Adam grid {config.adam_grid}, AdamW grid {config.grids['adamw']}, "
+            f"SGD grid {config.sgd_grid}; writing to {out}",
             flush=True,
         )
     start = time.perf_counter()

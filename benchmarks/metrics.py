@@ -15,7 +15,12 @@ Definitions (the report states them too):
   faster. If Adam never gets there within its run (5x the horizon), the speed-up is a lower bound;
 - **diverged** (long runs): a non-finite loss, or a smoothed loss above ``DIVERGENCE_RATIO`` times
   the first minibatch loss;
-- **win**: a lower mean final loss by more than a relative ``TIE_RTOL``; closer is a tie.
+- **win**: a lower mean final loss by more than a relative ``TIE_RTOL``; closer is a tie;
+- **no worse** (test loss): a win or a tie by the same rule, on the mean test loss;
+- **loss growth** (long runs): the mean final loss at the end of the long run over the one at the
+  horizon; above ``LOSS_GROWTH_LIMIT`` it counts against the optimizer;
+- **parameter norm**: the L2 norm of all parameters together, seed mean; a learned optimizer's
+  norm at the end of the long run above ``NORM_RATIO_LIMIT`` times tuned Adam's counts against it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 DIVERGENCE_RATIO = 10.0
 TIE_RTOL = 1e-3
+LOSS_GROWTH_LIMIT = 1.2
+NORM_RATIO_LIMIT = 2.0
 
 Record = Mapping[str, Any]
 
@@ -38,7 +45,7 @@ def finite_or_inf(x: float | None) -> float:
 
 
 def mean_loss(values: Sequence[float | None]) -> float:
-    """Mean over seeds; ``inf`` if any seed's loss is missing or non-finite."""
+    """Mean over seeds (of a loss or a norm); ``inf`` if any seed's value is missing or non-finite."""
     return statistics.fmean(finite_or_inf(v) for v in values)
 
 
@@ -57,6 +64,7 @@ def summarise(runs: Sequence[Record]) -> dict[str, Any]:
         "smoothed_loss_mean": mean_loss([r["smoothed_loss_at_horizon"] for r in runs]),
         "test_loss_mean": _mean_or_none([r["at_horizon"]["test_loss"] for r in runs]),
         "test_accuracy_mean": _mean_or_none([r["at_horizon"]["test_accuracy"] for r in runs]),
+        "param_norm_mean": mean_loss([r["at_horizon"]["param_norm"] for r in runs]),
         "nonfinite_seeds": sum(1 for v in final if not math.isfinite(v)),
     }
 
@@ -112,13 +120,13 @@ def long_horizon(runs: Sequence[Record]) -> dict[str, Any]:
     """Behaviour of runs continued past the horizon: loss at the horizon and at the end, blow-ups."""
     at_h = mean_loss([r["at_horizon"]["train_loss"] for r in runs])
     at_end = mean_loss([r["at_end"]["train_loss"] for r in runs])
-    ratio = max(finite_or_inf(r["max_loss_ratio"]) for r in runs)
+    max_ratio = max(finite_or_inf(r["max_loss_ratio"]) for r in runs)
     return {
         "steps": runs[0]["steps"],
         "loss_at_horizon_mean": at_h,
         "loss_at_end_mean": at_end,
-        "end_over_horizon": at_end / at_h if math.isfinite(at_h) and at_h > 0 else math.inf,
-        "max_loss_ratio": ratio,
+        "end_over_horizon": ratio(at_end, at_h),
+        "max_loss_ratio": max_ratio,
         "diverged_seeds": sum(
             1
             for r in runs
@@ -126,7 +134,10 @@ def long_horizon(runs: Sequence[Record]) -> dict[str, Any]:
             or finite_or_inf(r["max_loss_ratio"]) > DIVERGENCE_RATIO
             or not math.isfinite(finite_or_inf(r["at_end"]["train_loss"]))
         ),
+        "test_loss_at_end_mean": _mean_or_none([r["at_end"]["test_loss"] for r in runs]),
         "test_accuracy_at_end_mean": _mean_or_none([r["at_end"]["test_accuracy"] for r in runs]),
+        "param_norm_at_horizon_mean": mean_loss([r["at_horizon"]["param_norm"] for r in runs]),
+        "param_norm_at_end_mean": mean_loss([r["at_end"]["param_norm"] for r in runs]),
     }
 
 
@@ -141,3 +152,28 @@ def win_record(ours: Sequence[float], theirs: Sequence[float], rtol: float = TIE
             wins += 1
     n = len(ours)
     return {"wins": wins, "ties": ties, "losses": n - wins - ties, "tasks": n, "win_rate": wins / n if n else None}
+
+
+def no_worse_record(ours: Sequence[float], theirs: Sequence[float], rtol: float = TIE_RTOL) -> dict[str, Any]:
+    """:func:`win_record`, and ``no_worse``: the tasks where ``ours`` wins or ties (is at most ``theirs``
+    or within the relative ``rtol`` of it)."""
+    record = win_record(ours, theirs, rtol)
+    return record | {"no_worse": record["wins"] + record["ties"]}
+
+
+def count_above(values: Sequence[float | None], limit: float) -> int:
+    """How many values exceed ``limit``; a missing or non-finite value counts as exceeding it."""
+    return sum(1 for v in values if finite_or_inf(v) > limit)
+
+
+def ratio(a: float | None, b: float | None) -> float:
+    """``a / b`` for non-negative values (losses, norms): ``inf`` when ``a`` is missing or not finite,
+    0 when only ``b`` is; when ``b`` is 0, 1 if ``a`` is 0 too and ``inf`` otherwise."""
+    a, b = finite_or_inf(a), finite_or_inf(b)
+    if not math.isfinite(a):
+        return math.inf
+    if not math.isfinite(b):
+        return 0.0
+    if b <= 0:
+        return math.inf if a > 0 else 1.0
+    return a / b

@@ -4,8 +4,8 @@ A :class:`RunSpec` names the task, the benchmark seed, the optimizer and the num
 is plain frozen data, so runs can go to worker processes. Within a seed every optimizer starts
 from the same initial weights and sees the same minibatches: both come from the task's
 generators, seeded by the task's seed plus the benchmark seed. A run records what the suite
-measures (:func:`train`): the minibatch loss smoothed over a trailing window, full-split losses
-and test metrics at the horizon and at the end, and fingerprints that let the suite check that
+measures (:func:`train`): the minibatch loss smoothed over a trailing window, full-split losses,
+test metrics and the parameter norm at the horizon and at the end, and fingerprints that let the suite check that
 the optimizers really started alike (the first minibatch loss, a checksum of the batches).
 """
 
@@ -35,6 +35,9 @@ TaskSpec = TaskConfig | ExtraTaskConfig
 """Any task the suite runs: a meta-training-style task or an out-of-distribution one."""
 
 SGD_MOMENTUM = 0.9
+ADAMW_WEIGHT_DECAY = 0.01
+"""AdamW's (decoupled) weight decay; its learning rate is tuned like Adam's."""
+ALGORITHMS = ("nfn", "adam", "adamw", "sgd")
 CURVE_POINTS_PER_HORIZON = 100
 """Points of the recorded loss curve per horizon (the curve keeps this density past the horizon)."""
 SMOOTHING_FRACTION = 0.05
@@ -43,28 +46,39 @@ SMOOTHING_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """An optimizer to build for a model: ``algorithm`` is ``"nfn"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
+    """An optimizer to build for a model: ``algorithm`` is ``"nfn"``, ``"adam"``, ``"adamw"`` (weight
+    decay ``ADAMW_WEIGHT_DECAY``) or ``"sgd"`` (momentum ``SGD_MOMENTUM``).
 
-    ``lr`` is the learning rate of Adam and SGD (unused by the NFN, which steps as meta-trained);
-    ``ckpt`` is the NFN's checkpoint, ``None`` for the one shipped in the package.
+    ``lr`` is the learning rate of Adam, AdamW and SGD (unused by the NFN, which steps as
+    meta-trained); ``ckpt`` is the NFN's checkpoint, ``None`` for the one shipped in the package.
+    ``bare`` builds the NFN from the parameters alone (``NFNOptimizer(model.parameters())``: every
+    tensor its own, unlabelled weight space) instead of ``NFNOptimizer.for_model(model)``, which
+    labels the model's structure so that connected layers are coupled.
     """
 
     algorithm: str
     lr: float | None = None
     ckpt: str | None = None
+    bare: bool = False
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("nfn", "adam", "sgd"):
-            raise ValueError(f"unknown optimizer algorithm {self.algorithm!r}; expected 'nfn', 'adam' or 'sgd'")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown optimizer algorithm {self.algorithm!r}; expected one of {ALGORITHMS}")
         if (self.algorithm == "nfn") != (self.lr is None):
-            raise ValueError(f"adam and sgd need a learning rate and the NFN takes none, got {self}")
+            raise ValueError(f"adam, adamw and sgd need a learning rate and the NFN takes none, got {self}")
+        if self.bare and self.algorithm != "nfn":
+            raise ValueError(f"only the NFN has a bare mode, got {self}")
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
-        """The optimizer for ``model``'s parameters; the NFN is told the model's structure."""
+        """The optimizer for ``model``'s parameters; the NFN is told the model's structure unless ``bare``."""
         if self.algorithm == "nfn":
+            if self.bare:
+                return NFNOptimizer(model.parameters(), ckpt=self.ckpt)
             return NFNOptimizer.for_model(model, ckpt=self.ckpt)
         if self.algorithm == "adam":
             return torch.optim.Adam(model.parameters(), lr=self.lr)
+        if self.algorithm == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=ADAMW_WEIGHT_DECAY)
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=SGD_MOMENTUM)
 
 
@@ -113,15 +127,22 @@ def smoothed_curve(losses: Sequence[float], horizon: int) -> tuple[list[int], li
     return steps, curve
 
 
+def param_norm(module: nn.Module) -> float:
+    """The L2 norm of all of ``module``'s parameters together: the square root of their summed squares."""
+    return math.sqrt(sum(p.detach().double().square().sum().item() for p in module.parameters()))
+
+
 @torch.no_grad()
 def evaluate(task: Task, module: nn.Module) -> dict[str, float | None]:
-    """Full training-split loss and test metrics, in eval mode; ``test_accuracy`` is None for regression."""
+    """Full training-split loss, test metrics (in eval mode; ``test_accuracy`` is None for regression)
+    and the parameter norm (:func:`param_norm`)."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     test = task.test_metrics(params, buffers)
     return {
         "train_loss": task.full_train_loss(params, buffers).item(),
         "test_loss": test["loss"],
         "test_accuracy": test.get("accuracy"),
+        "param_norm": param_norm(module),
     }
 
 

@@ -1,11 +1,13 @@
 """The benchmark suite: which tasks, seeds and optimizers run, in what order, and what they give.
 
-For every task and seed, the learned optimizer (``NFNOptimizer.for_model``, no tuning) trains to
-``long_factor`` times the horizon; Adam and SGD with momentum train to the horizon at every point
-of their learning-rate grids (Adam's always holds 1e-3, the untuned baseline); the per-element
+For every task and seed, the learned optimizer, untuned, trains to ``long_factor`` times the
+horizon in both of its modes: bare (``NFNOptimizer(model.parameters())``, result ``nfn_bare``) and
+told the model's structure (``NFNOptimizer.for_model(model)``, result ``nfn``). Adam, AdamW (weight
+decay 0.01) and SGD with momentum train to the horizon at every point of their learning-rate grids
+(Adam's always holds 1e-3, the untuned baseline; AdamW's is Adam's unless given); the per-element
 ablation, when its checkpoint exists, trains to the horizon. The tuned learning rates are then
 selected (:func:`benchmarks.metrics.select_lr`) and tuned Adam is run again to ``long_factor``
-times the horizon, for the speed-up and the long-horizon comparison. Finally each optimizer's
+times the horizon, for the speed-ups and the long-horizon comparison. Finally each optimizer's
 step time and state size are measured on every task in this process, with the workers idle.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from . import metrics
 from .costs import state_bytes_per_param, compare
 from .extra_tasks import EXTRA_TASKS
 from .runs import (
+    ADAMW_WEIGHT_DECAY,
     CURVE_POINTS_PER_HORIZON,
     SGD_MOMENTUM,
     SMOOTHING_FRACTION,
@@ -48,13 +52,32 @@ DEFAULT_ABLATION_CKPT = Path(__file__).parent / "checkpoints" / "per_element.nfo
 ALL_TASKS: dict[str, TaskSpec] = {t.name: t for t in (*HELD_OUT, *EXTRA_TASKS)}
 QUICK_TASKS = ("mlp_digits_w40_tanh", "cnn_digits_c12_tanh", "resmlp6_ln_digits", "transformer_chars")
 
-COST_KEY = {"nfn": "nfn", "adam_1e-3": "adam", "adam_tuned": "adam", "sgd_tuned": "sgd", "per_element": "per_element"}
+LEARNED = ("nfn_bare", "nfn")
+"""The learned optimizer's two modes, as the results name them: bare, and ``for_model``."""
+COST_KEY = {
+    "nfn_bare": "nfn_bare",
+    "nfn": "nfn",
+    "adam_1e-3": "adam",
+    "adam_tuned": "adam",
+    "adamw_tuned": "adamw",
+    "sgd_tuned": "sgd",
+    "per_element": "per_element",
+}
 """Which timed optimizer each compared one costs the same as (Adam's cost does not depend on its rate)."""
+TARGET_TRAIN_WINS = (7, 9)
+TARGET_TEST_NO_WORSE = (6, 9)
+TARGET_MEDIAN_SPEEDUP = 1.5
+"""The bare NFN's targets against tuned Adam on the full suite (9 tasks): training-loss wins on at
+least 7 of 9 tasks, a test loss no worse on at least 6 of 9 (fractions of the tasks run when there
+are not 9), the transformer among the wins, a median speed-up of at least 1.5, no task whose loss
+grows by more than ``metrics.LOSS_GROWTH_LIMIT`` from the horizon to the end of the long run, and
+no task whose parameter norm there is more than ``metrics.NORM_RATIO_LIMIT`` times tuned Adam's."""
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """What the suite runs. ``horizon`` overrides every task's own; ``ckpt`` None is the packaged default.
+    """What the suite runs. ``horizon`` overrides every task's own; ``ckpt`` None is the packaged default;
+    ``adamw_grid`` None is the Adam grid.
 
     ``workers`` processes (one thread each) share the runs; 1 runs them in this process.
     """
@@ -63,6 +86,7 @@ class SuiteConfig:
     seeds: int = 3
     horizon: int | None = None
     adam_grid: tuple[float, ...] = ADAM_GRID
+    adamw_grid: tuple[float, ...] | None = None
     sgd_grid: tuple[float, ...] = SGD_GRID
     long_factor: int = 5
     ckpt: str | None = None
@@ -75,7 +99,7 @@ class SuiteConfig:
     def __post_init__(self) -> None:
         if ADAM_DEFAULT_LR not in self.adam_grid:
             raise ValueError(f"the Adam grid must hold {ADAM_DEFAULT_LR} (the untuned baseline), got {self.adam_grid}")
-        if not self.sgd_grid or min(*self.adam_grid, *self.sgd_grid) <= 0:
+        if not self.sgd_grid or not self.grids["adamw"] or min(*self.adam_grid, *self.grids["adamw"], *self.sgd_grid) <= 0:
             raise ValueError("learning-rate grids must be non-empty and positive")
         if self.seeds < 1 or self.long_factor < 1 or (self.horizon is not None and self.horizon < 1):
             raise ValueError(f"seeds, long_factor and horizon must be >= 1, got {self}")
@@ -86,7 +110,7 @@ class SuiteConfig:
     @property
     def grids(self) -> dict[str, tuple[float, ...]]:
         """The learning-rate grid of each algorithm that is tuned per task."""
-        return {"adam": self.adam_grid, "sgd": self.sgd_grid}
+        return {"adam": self.adam_grid, "adamw": self.adam_grid if self.adamw_grid is None else self.adamw_grid, "sgd": self.sgd_grid}
 
 
 def quick_config(**overrides: Any) -> SuiteConfig:
@@ -145,7 +169,10 @@ def _grid_key(algorithm: str, lr: float) -> str:
 
 def _first_plan(task: TaskSpec, config: SuiteConfig, ablation: OptimizerSpec | None) -> Plan:
     horizon, seeds = task.horizon, config.seeds
-    plan = {"nfn": _over_seeds(task, OptimizerSpec("nfn", ckpt=config.ckpt), horizon * config.long_factor, seeds)}
+    plan = {
+        name: _over_seeds(task, OptimizerSpec("nfn", ckpt=config.ckpt, bare=name == "nfn_bare"), horizon * config.long_factor, seeds)
+        for name in LEARNED
+    }
     for algorithm, grid in config.grids.items():
         for lr in grid:
             plan[_grid_key(algorithm, lr)] = _over_seeds(task, OptimizerSpec(algorithm, lr), horizon, seeds)
@@ -238,9 +265,11 @@ def _task_result(
     tuned = {algorithm: _tuned_lr(runs, algorithm, grid) for algorithm, grid in config.grids.items()}
     # name: (run group of the metrics at the horizon, run group of the longest curve, learning rate)
     compared = {
+        "nfn_bare": ("nfn_bare", "nfn_bare", None),
         "nfn": ("nfn", "nfn", None),
         "adam_1e-3": (_grid_key("adam", ADAM_DEFAULT_LR), _grid_key("adam", ADAM_DEFAULT_LR), ADAM_DEFAULT_LR),
         "adam_tuned": (_grid_key("adam", tuned["adam"]), "adam_tuned_long", tuned["adam"]),
+        "adamw_tuned": (_grid_key("adamw", tuned["adamw"]), _grid_key("adamw", tuned["adamw"]), tuned["adamw"]),
         "sgd_tuned": (_grid_key("sgd", tuned["sgd"]), _grid_key("sgd", tuned["sgd"]), tuned["sgd"]),
     }
     if "per_element" in runs:
@@ -257,7 +286,7 @@ def _task_result(
         name: dataclasses.asdict(
             metrics.speedup(ref_steps, ref_curve, metrics.mean_loss([r["smoothed_loss_at_horizon"] for r in runs[name]]), task.horizon)
         )
-        for name in ("nfn", "per_element")
+        for name in (*LEARNED, "per_element")
         if name in runs
     }
     return {
@@ -275,29 +304,109 @@ def _task_result(
         },
         "optimizers": optimizers,
         "speedup_vs_adam_tuned": speedups,
-        "long_horizon": {"nfn": metrics.long_horizon(runs["nfn"]), "adam_tuned": metrics.long_horizon(reference)},
+        "long_horizon": {**{name: metrics.long_horizon(runs[name]) for name in LEARNED}, "adam_tuned": metrics.long_horizon(reference)},
         "runs": runs,
     }
 
 
 def summary(tasks: Sequence[Mapping[str, Any]], with_ablation: bool) -> dict[str, Any]:
-    """Win records of the NFN against each baseline over tasks, and the median speed-ups."""
+    """Win records of each mode of the NFN against each baseline over tasks, the median speed-ups,
+    and against tuned Adam: the test-loss records, the tasks whose loss grows in the long run and
+    those whose parameter norm outgrows Adam's; and the bare NFN's targets (:func:`targets`)."""
 
-    def finals(name: str) -> list[float]:
-        return [t["optimizers"][name]["final_loss_mean"] for t in tasks]
+    def finals(name: str, metric: str = "final_loss_mean") -> list[float]:
+        return [t["optimizers"][name][metric] for t in tasks]
 
     def median(name: str) -> dict[str, Any]:
         return dataclasses.asdict(metrics.median_speedup([metrics.Speedup(**t["speedup_vs_adam_tuned"][name]) for t in tasks]))
 
+    def long(name: str, metric: str) -> list[float]:
+        return [t["long_horizon"][name][metric] for t in tasks]
+
     out: dict[str, Any] = {
-        f"nfn_vs_{other}": metrics.win_record(finals("nfn"), finals(other)) for other in ("adam_1e-3", "adam_tuned", "sgd_tuned")
+        f"{nfn}_vs_{other}": metrics.win_record(finals(nfn), finals(other))
+        for nfn in LEARNED
+        for other in ("adam_1e-3", "adam_tuned", "adamw_tuned", "sgd_tuned")
     }
-    out["median_speedup_nfn"] = median("nfn")
+    out["nfn_bare_vs_nfn"] = metrics.win_record(finals("nfn_bare"), finals("nfn"))
+    for nfn in LEARNED:
+        out[f"median_speedup_{nfn}"] = median(nfn)
     if with_ablation:
         out["nfn_vs_per_element"] = metrics.win_record(finals("nfn"), finals("per_element"))
         out["per_element_vs_adam_tuned"] = metrics.win_record(finals("per_element"), finals("adam_tuned"))
         out["median_speedup_per_element"] = median("per_element")
+    out["test_loss_vs_adam_tuned"] = {
+        nfn: metrics.no_worse_record(finals(nfn, "test_loss_mean"), finals("adam_tuned", "test_loss_mean")) for nfn in LEARNED
+    }
+    out["loss_growth"] = {
+        "limit": metrics.LOSS_GROWTH_LIMIT,
+        **{name: metrics.count_above(long(name, "end_over_horizon"), metrics.LOSS_GROWTH_LIMIT) for name in (*LEARNED, "adam_tuned")},
+    }
+    adam_norms = long("adam_tuned", "param_norm_at_end_mean")
+    out["norm_over_adam"] = {
+        "limit": metrics.NORM_RATIO_LIMIT,
+        **{
+            nfn: metrics.count_above(
+                [metrics.ratio(a, b) for a, b in zip(long(nfn, "param_norm_at_end_mean"), adam_norms)], metrics.NORM_RATIO_LIMIT
+            )
+            for nfn in LEARNED
+        },
+    }
+    out["targets"] = targets(tasks, out, "nfn_bare")
     return out
+
+
+def _required(fraction: tuple[int, int], tasks: int) -> int:
+    """``fraction`` of ``tasks``, rounded up: the stated count itself when ``tasks`` is its denominator."""
+    return math.ceil(fraction[0] * tasks / fraction[1] - 1e-9)
+
+
+def targets(tasks: Sequence[Mapping[str, Any]], summ: Mapping[str, Any], nfn: str) -> list[dict[str, Any]]:
+    """The targets (``TARGET_*``) for the learned optimizer ``nfn`` against tuned Adam: for each, what
+    it asks, what this run measured, and whether it is met (None where this run cannot tell)."""
+    n = len(tasks)
+    train, test = summ[f"{nfn}_vs_adam_tuned"], summ["test_loss_vs_adam_tuned"][nfn]
+    need_train, need_test = _required(TARGET_TRAIN_WINS, n), _required(TARGET_TEST_NO_WORSE, n)
+    transformers = [t for t in tasks if t["name"].startswith("transformer")]
+    transformer_wins = [
+        metrics.win_record([t["optimizers"][nfn]["final_loss_mean"]], [t["optimizers"]["adam_tuned"]["final_loss_mean"]])["wins"] == 1
+        for t in transformers
+    ]
+    speedup = summ[f"median_speedup_{nfn}"]
+    growth, norms = summ["loss_growth"], summ["norm_over_adam"]
+    return [
+        {
+            "target": f"training loss below tuned Adam's on at least {need_train} of {n} tasks",
+            "measured": f"{train['wins']} of {n}",
+            "met": train["wins"] >= need_train,
+        },
+        {
+            "target": f"test loss no worse than tuned Adam's on at least {need_test} of {n} tasks",
+            "measured": f"{test['no_worse']} of {n}",
+            "met": test["no_worse"] >= need_test,
+        },
+        {
+            "target": "the transformer among the training-loss wins",
+            "measured": ", ".join(f"{t['name']}: {'win' if w else 'no win'}" for t, w in zip(transformers, transformer_wins))
+            or "no transformer task in this run",
+            "met": all(transformer_wins) if transformers else None,
+        },
+        {
+            "target": f"median speed-up over tuned Adam at least {TARGET_MEDIAN_SPEEDUP:g}",
+            "measured": "n/a" if speedup["value"] is None else f"{'≥ ' if speedup['lower_bound'] else ''}{speedup['value']:.2f}",
+            "met": speedup["value"] is not None and speedup["value"] >= TARGET_MEDIAN_SPEEDUP,
+        },
+        {
+            "target": f"no task whose loss at the end of the long run exceeds {growth['limit']:g}x its loss at the horizon",
+            "measured": f"{growth[nfn]} of {n}",
+            "met": growth[nfn] == 0,
+        },
+        {
+            "target": f"no task whose parameter norm at the end of the long run exceeds {norms['limit']:g}x tuned Adam's",
+            "measured": f"{norms[nfn]} of {n}",
+            "met": norms[nfn] == 0,
+        },
+    ]
 
 
 def run_suite(config: SuiteConfig, progress: bool = True) -> dict[str, Any]:
@@ -321,8 +430,10 @@ def run_suite(config: SuiteConfig, progress: bool = True) -> dict[str, Any]:
     results = []
     for task, task_runs in zip(tqdm(tasks, desc="timing", disable=not progress), runs):
         timed = {
+            "nfn_bare": OptimizerSpec("nfn", ckpt=config.ckpt, bare=True),
             "nfn": OptimizerSpec("nfn", ckpt=config.ckpt),
             "adam": OptimizerSpec("adam", ADAM_DEFAULT_LR),
+            "adamw": OptimizerSpec("adamw", _tuned_lr(task_runs, "adamw", config.grids["adamw"])),
             "sgd": OptimizerSpec("sgd", _tuned_lr(task_runs, "sgd", config.sgd_grid)),
         }
         if ablation_spec is not None:
@@ -337,6 +448,8 @@ def run_suite(config: SuiteConfig, progress: bool = True) -> dict[str, Any]:
             "seeds": config.seeds,
             "horizon_override": config.horizon,
             "adam_grid": list(config.adam_grid),
+            "adamw_grid": list(config.grids["adamw"]),
+            "adamw_weight_decay": ADAMW_WEIGHT_DECAY,
             "sgd_grid": list(config.sgd_grid),
             "sgd_momentum": SGD_MOMENTUM,
             "long_factor": config.long_factor,
@@ -345,6 +458,8 @@ def run_suite(config: SuiteConfig, progress: bool = True) -> dict[str, Any]:
             "curve_points_per_horizon": CURVE_POINTS_PER_HORIZON,
             "tie_rtol": metrics.TIE_RTOL,
             "divergence_ratio": metrics.DIVERGENCE_RATIO,
+            "loss_growth_limit": metrics.LOSS_GROWTH_LIMIT,
+            "norm_ratio_limit": metrics.NORM_RATIO_LIMIT,
         },
         "checkpoint": checkpoint,
         "ablation": ablation,
