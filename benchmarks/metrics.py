@@ -18,7 +18,8 @@ Definitions (the report states them too):
 - **win**: a lower mean final loss by more than a relative ``TIE_RTOL``; closer is a tie;
 - **no worse** (test loss): a win or a tie by the same rule, on the mean test loss;
 - **loss growth** (long runs): the mean final loss at the end of the long run over the one at the
-  horizon; above ``LOSS_GROWTH_LIMIT`` it counts against the optimizer;
+  horizon; above ``LOSS_GROWTH_LIMIT`` it counts against the optimizer, unless the loss at the end
+  is below ``LOSS_GROWTH_FLOOR`` (a converged run: 2e-9 to 1e-8 is rounding, not growth);
 - **parameter norm**: the L2 norm of all parameters together, seed mean; a learned optimizer's
   norm at the end of the long run above ``NORM_RATIO_LIMIT`` times tuned Adam's counts against it.
 """
@@ -34,6 +35,7 @@ from typing import Any
 DIVERGENCE_RATIO = 10.0
 TIE_RTOL = 1e-3
 LOSS_GROWTH_LIMIT = 1.2
+LOSS_GROWTH_FLOOR = 1e-6
 NORM_RATIO_LIMIT = 2.0
 
 Record = Mapping[str, Any]
@@ -164,6 +166,12 @@ def no_worse_record(ours: Sequence[float], theirs: Sequence[float], rtol: float 
 def count_above(values: Sequence[float | None], limit: float) -> int:
     """How many values exceed ``limit``; a missing or non-finite value counts as exceeding it."""
     return sum(1 for v in values if finite_or_inf(v) > limit)
+
+
+def grew(long_run: Mapping[str, Any]) -> bool:
+    """Whether a long-run record's loss grew past the limit (see the module's definitions)."""
+    return (finite_or_inf(long_run["end_over_horizon"]) > LOSS_GROWTH_LIMIT
+            and finite_or_inf(long_run.get("loss_at_end_mean")) > LOSS_GROWTH_FLOOR)
 
 
 def ratio(a: float | None, b: float | None) -> float:

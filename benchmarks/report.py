@@ -240,7 +240,9 @@ def _summary_section(suite: Mapping[str, Any], tasks: Sequence[Mapping[str, Any]
             "",
             "Test loss: *no worse* is a mean test loss at most tuned Adam's or within the same relative "
             f"{suite['tie_rtol']:g} of it. Loss growth: tasks whose mean final training loss at "
-            f"{suite['long_factor']}x the horizon is above {growth['limit']:g}x the one at the horizon. Norm: tasks whose "
+            f"{suite['long_factor']}x the horizon is above {growth['limit']:g}x the one at the horizon"
+            + (f" and above {growth['floor']:g} (below it a run has converged)" if "floor" in growth else "")
+            + ". Norm: tasks whose "
             f"mean parameter norm at {suite['long_factor']}x the horizon is above {norms['limit']:g}x tuned Adam's there.",
             "",
             *_table(
