@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -360,3 +361,52 @@ def test_with_a_gate_tensors_without_gradients_stay_while_the_others_train(fused
         moved[floor] = (not torch.equal(bias.detach(), before[0]), not torch.equal(first.weight.detach()[0], before[1]))
         assert (first.weight.detach()[1:] != mlp(dtype)[0].weight.detach()[1:]).any()
     assert moved == {0.1: (False, False), 0.0: (True, True)}
+
+
+def _noise_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _norm_under_noise(make: Callable[[nn.Module], torch.optim.Optimizer], steps: int = 1000) -> tuple[float, float]:
+    """The parameter norm before and after ``steps`` steps whose gradients are pure noise (N(0, 1)
+    elementwise, a fresh draw every step, the same draws for every optimizer)."""
+    model = _noise_model()
+    opt = make(model)
+    g = torch.Generator().manual_seed(1)
+    norm = lambda: float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())  # noqa: E731
+    before = norm()
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return before, norm()
+
+
+NOISE_GROWTH_SLACK = 1.1
+"""How much more than Adam's a learned optimizer's parameter norm may grow under pure noise."""
+
+
+@pytest.mark.parametrize("mode", ["bare", "for_model"])
+def test_pure_noise_grows_the_norm_no_more_than_adam(mode: str) -> None:
+    """1000 steps of pure-noise gradients: the shipped default's parameter norm grows no more
+    than Adam's (at the rule's learning rate α) does, within 10%."""
+    alpha = float(NFNOptimizer(_noise_model().parameters()).rule.scalars()[0])
+    start, adam = _norm_under_noise(lambda m: torch.optim.Adam(m.parameters(), lr=alpha))
+    build = NFNOptimizer if mode == "bare" else NFNOptimizer.for_model
+    _, ours = _norm_under_noise(lambda m: build(m.parameters() if mode == "bare" else m))
+    assert ours - start <= NOISE_GROWTH_SLACK * (adam - start), (start, adam, ours)
+
+
+def test_noise_level_gradients_of_the_default_step_no_further_than_adam() -> None:
+    """A bias whose gradients are 1e-7 of the rest's (a conv bias before BatchNorm): the shipped
+    default's steps on it are no larger than Adam's, elementwise, to 2e-3 of α, over 20 steps."""
+    from nfopt.io import load_rule
+    from nfopt.optim.optimizer import default_checkpoint_path
+
+    from .test_rule import _noise_steps
+
+    rule = load_rule(default_checkpoint_path()).double()
+    ours, adam = _noise_steps(rule)
+    alpha = rule.scalars()[0].item()
+    assert (ours <= adam * 1.002 + 2e-3 * alpha).all(), float((ours - adam).max() / alpha)
