@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 ARCHS: tuple[str, ...] = ("mlp", "cnn", "resmlp", "autoencoder", "transformer", "lstm", "gru")
@@ -77,7 +78,9 @@ class CharTransformer(nn.Module):
     ``per_position``: causal language modelling, logits ``(batch, n_outputs, length)`` (the
     layout in which ``F.cross_entropy`` and an argmax over dim 1 read a sequence of predictions);
     otherwise sequence classification, bidirectional, the final states mean-pooled into logits
-    ``(batch, n_outputs)``. Positions are a learned ``Embedding`` of ``length`` rows.
+    ``(batch, n_outputs)``. Positions are a learned ``Embedding`` of ``length`` rows. Attention
+    runs on the math kernel of ``scaled_dot_product_attention``, the one with a second derivative
+    (meta-training differentiates through inner gradients; the fused CPU kernel has none).
     """
 
     def __init__(
@@ -99,10 +102,11 @@ class CharTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.position.weight
-        if self.per_position:
-            h = self.encoder(h, mask=self.causal_mask.to(device=h.device, dtype=h.dtype), is_causal=True)
-            return self.head(self.norm(h)).transpose(1, 2)
-        return self.head(self.norm(self.encoder(h)).mean(dim=1))
+        with sdpa_kernel(SDPBackend.MATH):
+            if self.per_position:
+                h = self.encoder(h, mask=self.causal_mask.to(device=h.device, dtype=h.dtype), is_causal=True)
+                return self.head(self.norm(h)).transpose(1, 2)
+            return self.head(self.norm(self.encoder(h)).mean(dim=1))
 
 
 class CharRNN(nn.Module):
