@@ -38,7 +38,7 @@ DISTRIBUTIONS: tuple[str, ...] = ("v1", "v2")
 """The task distributions :func:`sample_task_config` draws from."""
 
 ARCH_PROBABILITIES_V2: dict[str, float] = {
-    "mlp": 0.25, "cnn": 0.2, "resmlp": 0.15, "autoencoder": 0.1, "transformer": 0.1, "lstm": 0.1, "gru": 0.1
+    "mlp": 0.32, "cnn": 0.22, "resmlp": 0.15, "autoencoder": 0.1, "transformer": 0.07, "lstm": 0.07, "gru": 0.07
 }
 """Share of each architecture in the ``v2`` distribution. MLPs and CNNs keep almost half: they are
 the cheapest steps and what v1 trained on; the sequence models cost a few times more per inner
