@@ -54,6 +54,13 @@ def build_config(args: argparse.Namespace) -> MetaConfig:
     return config.with_overrides([*args.overrides, *flags])
 
 
+def task_distribution(config: MetaConfig) -> str:
+    """The call that drew the run's tasks, as recorded in its provenance (v1 as it always was)."""
+    if config.distribution == "v1":
+        return "meta_train.tasks.sample_task_config(split='train')"
+    return f"meta_train.tasks.sample_task_config(split='train', distribution={config.distribution!r})"
+
+
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from, if it is a git checkout."""
     try:
@@ -105,7 +112,7 @@ def run(config: MetaConfig, resume: bool = False, command: str = "") -> dict[str
             "meta_steps": trainer.step,
             "seed": config.seed,
             "world_size": group.world_size,
-            "task_distribution": "meta_train.tasks.sample_task_config(split='train')",
+            "task_distribution": task_distribution(config),
             **trainer.counters,
             "inner_steps_per_s": trainer.counters["inner_steps"] / wall if wall > 0 else None,
             "wall_time_s": wall,

@@ -34,7 +34,7 @@ from .distributed import Group
 from .init_rule import init_rule
 from .pes import PES
 from .tasks.models import ACTIVATIONS
-from .tasks import TaskConfig, sample_task_config
+from .tasks import DISTRIBUTIONS, TaskConfig, sample_task_config
 from .unroll import LOSS_EPS, InnerRun, unroll_together
 
 OPERATIONAL_FIELDS: frozenset[str] = frozenset(
@@ -65,7 +65,9 @@ class MetaConfig:
     strategies, :mod:`meta_train.pes`: each slot is an antithetic pair of runs of its task at the
     rule's weights ± a Gaussian perturbation of std ``pes_sigma``). ``rule``: the update rule
     meta-trained (its initial weights come from ``seed``). ``activation``: if not empty, every
-    task uses this activation (a narrower distribution, for experiments).
+    task uses this activation (a narrower distribution, for experiments). ``distribution``: the
+    task distribution the slots draw from, ``"v1"`` (plain MLPs and CNNs, what every committed
+    config trained on) or ``"v2"`` (broader: :mod:`meta_train.tasks.distribution`).
     ``threads``: intra-op threads per process (one per process is fastest for these small tasks;
     use several processes to use several cores). ``checkpoint``: training-checkpoint path, by
     default ``out`` + ``.train.pt``. ``log_dir``: TensorBoard directory, none if empty.
@@ -85,6 +87,7 @@ class MetaConfig:
     estimator: str = "tbptt"
     pes_sigma: float = 0.01
     activation: str = ""
+    distribution: str = "v1"
     rule: UpdateConfig = UpdateConfig()
     device: str = "cpu"
     threads: int = 1
@@ -125,6 +128,8 @@ class MetaConfig:
             raise ValueError(f"pes_sigma must be positive, got {self.pes_sigma}")
         if self.activation and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be empty or one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -226,7 +231,7 @@ class MetaTrainer:
         """The ``draw``-th task of (global) ``slot``: a pure function of (seed, slot, draw)."""
         rng = np.random.default_rng([self.config.seed, slot, draw])
         horizons = (self.config.horizon_min, self.config.horizon_max)
-        return sample_task_config(rng, "train", horizons, self.config.activation or None)
+        return sample_task_config(rng, "train", horizons, self.config.activation or None, self.config.distribution)
 
     def _run(self, i: int) -> tuple[InnerRun, int]:
         """The run of this rank's ``i``-th slot, a new one if the last is done (with PES, if either

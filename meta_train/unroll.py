@@ -41,7 +41,7 @@ from .tasks import Task, TaskConfig
 LOSS_EPS = 1e-8
 """Added to the inner loss inside the meta-loss's log."""
 
-_SPECS: dict[tuple[str, tuple[int, ...], bool], WeightSpaceSpec | MonomialSpec] = {}
+_SPECS: dict[tuple[str, tuple[int, ...], bool, str], WeightSpaceSpec | MonomialSpec] = {}
 
 
 def task_spec(task: Task, sign_flips: bool = False) -> WeightSpaceSpec | MonomialSpec:
@@ -50,13 +50,22 @@ def task_spec(task: Task, sign_flips: bool = False) -> WeightSpaceSpec | Monomia
     The model's repr names every layer and its shape. Example inputs let the labelling couple
     across shape-dependent operations (a CNN's flatten before its head). Reusing one spec object
     also lets the NF-layers' per-spec plan cache hit at once. ``sign_flips``: the monomial spec
-    with the sets that admit sign flips (for a rule equivariant to them).
+    with the sets that admit sign flips (for a rule equivariant to them). A task whose config's
+    ``labelling`` is ``"bare"`` gets :meth:`WeightSpaceSpec.independent` of its parameters (named
+    like them): no set is shared between tensors, as when a rule is handed parameters without
+    their model (and, with ``sign_flips``, no set admits them).
     """
-    key = (repr(task.model), task.dataset.input_shape, sign_flips)
+    labelling = getattr(task.config, "labelling", "coupled")
+    key = (repr(task.model), task.dataset.input_shape, sign_flips, labelling)
     spec = _SPECS.get(key)
     if spec is None:
         example = (task.dataset.x_train[:2],)
-        if sign_flips:
+        if labelling == "bare":
+            named = list(task.model.named_parameters())
+            spec = WeightSpaceSpec.independent([p.shape for _, p in named], [n for n, _ in named])
+            if sign_flips:
+                spec = MonomialSpec.permutations_only(spec)
+        elif sign_flips:
             spec = label_monomial(task.model, example).params.only("sign")
         else:
             spec = label_model(task.model, example).params

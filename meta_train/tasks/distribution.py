@@ -1,6 +1,11 @@
-"""The task distribution and its train / held-out split.
+"""The task distributions and their train / held-out split.
 
-:func:`sample_task_config` draws from the meta-training distribution. Some properties are
+:func:`sample_task_config` draws from a meta-training distribution: ``"v1"`` (the default, the
+one every committed meta-training config was trained on) has plain MLPs and CNNs on the feature
+and image sets, init scales 0.5-2, batches 16-128 and the coupled labelling; ``"v2"`` (broader)
+adds residual MLPs with LayerNorm, autoencoders, CNNs with a conv bias before BatchNorm, causal
+character transformers and sequence classifiers, LSTM and GRU character models, init scales
+0.1-10, batches 8-256, and the bare labelling for about half of the tasks. Some properties are
 reserved for evaluation (:data:`HELD_OUT_SIGNATURES`): the training split never produces them,
 so :data:`HELD_OUT` and ``sample_task_config(split="held_out")`` measure generalisation to
 widths, data and combinations the optimizer was not meta-trained on.
@@ -18,7 +23,7 @@ import numpy as np
 
 from .data import DATASETS, IMAGE_DATASETS
 from .models import ACTIVATIONS, DEPTH_RANGE
-from .task import TaskConfig
+from .task import LABELLINGS, TaskConfig
 
 Rng = random.Random | np.random.Generator
 
@@ -29,6 +34,34 @@ CNN_PROBABILITY = 0.25
 BATCH_SIZE_RANGE = (16, 128)
 INIT_SCALE_RANGE = (0.5, 2.0)
 DEFAULT_HORIZON_RANGE = (200, 1000)
+DISTRIBUTIONS: tuple[str, ...] = ("v1", "v2")
+"""The task distributions :func:`sample_task_config` draws from."""
+
+ARCH_PROBABILITIES_V2: dict[str, float] = {
+    "mlp": 0.32, "cnn": 0.22, "resmlp": 0.15, "autoencoder": 0.1, "transformer": 0.07, "lstm": 0.07, "gru": 0.07
+}
+"""Share of each architecture in the ``v2`` distribution. MLPs and CNNs keep almost half: they are
+the cheapest steps and what v1 trained on; the sequence models cost a few times more per inner
+step (longer inputs, recurrences), so they share 30%."""
+SAMPLED_WIDTHS_V2: dict[str, tuple[int, ...]] = {
+    **SAMPLED_WIDTHS,
+    "resmlp": SAMPLED_WIDTHS["mlp"],
+    "autoencoder": SAMPLED_WIDTHS["mlp"],
+    "transformer": (16, 24, 32),
+    "lstm": (16, 24, 32, 48, 64),
+    "gru": (16, 24, 32, 48, 64),
+}
+AUTOENCODER_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "teacher", "gaussian_mixture")
+"""Feature and image sets an autoencoder reconstructs (iris has too few features to compress)."""
+LM_PROBABILITY = 0.75
+"""Share of sequence tasks that predict the next character (the rest classify a window's source)."""
+BATCH_SIZE_RANGE_V2: dict[str, tuple[int, int]] = {
+    "mlp": (8, 256), "resmlp": (8, 256), "autoencoder": (8, 256), "cnn": (8, 128), "transformer": (8, 64),
+    "lstm": (8, 64), "gru": (8, 64),
+}
+INIT_SCALE_RANGE_V2 = (0.1, 10.0)
+BARE_PROBABILITY = 0.5
+"""Share of ``v2`` tasks labelled bare: most real models reach the rule with bare parameters."""
 
 HELD_OUT_SIGNATURES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
     {"arch": ("mlp",), "width": (40, 128)},
@@ -36,6 +69,9 @@ HELD_OUT_SIGNATURES: tuple[Mapping[str, tuple[Any, ...]], ...] = (
     {"dataset": ("wine",)},
     {"arch": ("mlp",), "depth": (4,), "activation": ("gelu",)},
     {"data_seed": (8, 9)},
+    {"arch": ("resmlp", "autoencoder"), "width": (40, 128)},
+    {"arch": ("transformer",), "depth": (2,), "width": (32,)},
+    {"arch": ("lstm", "gru"), "width": (48,)},
 )
 """Properties reserved for evaluation: a config is held-out when, for some signature, each named
 field takes one of the listed values. ``sample_task_config(split="train")`` never returns one."""
@@ -60,6 +96,17 @@ HELD_OUT: tuple[TaskConfig, ...] = (
     TaskConfig("digits", "cnn", depth=3, width=12, activation="tanh", name="cnn_digits_c12_tanh"),
 )
 """Named evaluation tasks, each with at least one held-out property (vary ``seed`` for repeats)."""
+
+HELD_OUT_V2: tuple[TaskConfig, ...] = (
+    TaskConfig("digits", "resmlp", depth=3, width=128, activation="gelu", name="resmlp_digits_w128"),
+    TaskConfig("breast_cancer", "autoencoder", depth=1, width=40, activation="tanh", name="autoencoder_cancer_w40"),
+    TaskConfig("chars", "transformer", depth=2, width=32, activation="gelu", batch_size=32,
+               name="transformer_chars_d2_w32"),
+    TaskConfig("chars", "lstm", depth=1, width=48, activation="tanh", batch_size=32, name="lstm_chars_w48"),
+    TaskConfig("digits", "cnn", depth=2, width=32, batchnorm=True, conv_bias=True, labelling="bare",
+               name="cnn_digits_c32_bn_bias_bare"),
+)
+"""Named evaluation tasks of the ``v2`` architectures, each with a held-out property."""
 
 
 def _index(rng: Rng, n: int) -> int:
@@ -98,11 +145,58 @@ def _sample_any(rng: Rng, horizon_range: tuple[int, int]) -> TaskConfig:
     )
 
 
+def _weighted(rng: Rng, weights: Mapping[str, float]) -> str:
+    u = float(rng.uniform(0.0, sum(weights.values())))
+    for key, w in weights.items():
+        u -= w
+        if u < 0:
+            return key
+    return key
+
+
+def _sample_any_v2(rng: Rng, horizon_range: tuple[int, int]) -> TaskConfig:
+    """One draw from the whole ``v2`` space, train and held-out properties alike."""
+    arch = _weighted(rng, ARCH_PROBABILITIES_V2)
+    lo, hi = DEPTH_RANGE[arch]
+    depth = lo + _index(rng, hi - lo + 1)
+    width = _choice(rng, SAMPLED_WIDTHS_V2[arch])
+    activation = _choice(rng, tuple(ACTIVATIONS))
+    batchnorm = conv_bias = False
+    if arch == "cnn":
+        dataset = _choice(rng, IMAGE_DATASETS)
+        batchnorm = _index(rng, 2) == 1
+        conv_bias = batchnorm and _index(rng, 2) == 1
+    elif arch == "autoencoder":
+        dataset = _choice(rng, AUTOENCODER_DATASETS)
+    elif arch in ("transformer", "lstm", "gru"):
+        dataset = "chars" if rng.uniform(0.0, 1.0) < LM_PROBABILITY else "chars_source"
+        if arch != "transformer":
+            activation = "tanh"  # unused: the gates are fixed
+    else:
+        dataset = _choice(rng, DATASETS)
+    return TaskConfig(
+        dataset=dataset,
+        arch=arch,
+        depth=depth,
+        width=width,
+        activation=activation,
+        batchnorm=batchnorm,
+        conv_bias=conv_bias,
+        batch_size=_log_uniform_int(rng, *BATCH_SIZE_RANGE_V2[arch]),
+        init_scale=_log_uniform(rng, *INIT_SCALE_RANGE_V2),
+        horizon=_log_uniform_int(rng, *horizon_range),
+        labelling=LABELLINGS[1] if rng.uniform(0.0, 1.0) < BARE_PROBABILITY else LABELLINGS[0],
+        seed=_index(rng, 2**31),
+        data_seed=_index(rng, N_SAMPLED_DATA_SEEDS),
+    )
+
+
 def sample_task_config(
     rng: Rng,
     split: str = "train",
     horizon_range: tuple[int, int] = DEFAULT_HORIZON_RANGE,
     activation: str | None = None,
+    distribution: str = "v1",
 ) -> TaskConfig:
     """A random task config, a deterministic function of ``rng``'s state.
 
@@ -112,7 +206,14 @@ def sample_task_config(
     ``INIT_SCALE_RANGE``), horizon (log-uniform in ``horizon_range``, inclusive) and seeds are
     drawn from one distribution and rejected until the split's condition holds. ``activation``,
     if given, replaces the drawn one (a sub-distribution, e.g. tanh networks only).
+    ``distribution``: ``"v1"`` (the default: exactly the draws it always gave) or ``"v2"``, the
+    broader one (see the module's doc; it draws the arch first, then its dataset, depth, width,
+    activation, BatchNorm and conv bias, batch size, init scale in ``INIT_SCALE_RANGE_V2``,
+    horizon, labelling and seeds).
     """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    sample = _sample_any if distribution == "v1" else _sample_any_v2
     if split not in ("train", "held_out"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'held_out'")
     lo, hi = horizon_range
@@ -120,7 +221,7 @@ def sample_task_config(
         raise ValueError(f"horizon_range must satisfy 1 <= lo <= hi, got {horizon_range}")
     want_held_out = split == "held_out"
     while True:
-        config = _sample_any(rng, horizon_range)
+        config = sample(rng, horizon_range)
         if activation is not None:
             config = dataclasses.replace(config, activation=activation)
         if bool(held_out_properties(config)) == want_held_out:

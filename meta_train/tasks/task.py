@@ -25,10 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import IMAGE_DATASETS, Dataset, check_dataset_name, load_dataset, validation_split
-from .models import build_model, check_architecture, init_parameters
+from .data import IMAGE_DATASETS, TEXT_DATASETS, Dataset, check_dataset_name, load_dataset, reconstruction, validation_split
+from .models import SEQUENCE_ARCHS, build_model, check_architecture, init_parameters
 
 Params = dict[str, torch.Tensor]
+
+LABELLINGS: tuple[str, ...] = ("coupled", "bare")
+"""How a task's weight space reaches the rule: ``coupled``, the labelling inferred from the model
+(neuron sets shared across layers); ``bare``, every tensor independent, as for parameters handed
+to the optimizer without their model."""
+MAX_EVAL_ROWS = 2048
+"""Full-split evaluations (:meth:`Task.full_train_loss`, :meth:`Task.full_val_loss`,
+:meth:`Task.test_metrics`) read at most this many rows, the first ones, to stay cheap: every
+split of the feature and image sets is smaller, so only the text sets are cut."""
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:
@@ -42,8 +51,15 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
 class TaskConfig:
     """Everything that defines a task; invalid values raise ``ValueError`` on construction.
 
-    ``depth`` counts hidden layers (MLP) or conv layers (CNN); ``width`` is hidden units (MLP) or
-    channels (CNN). ``init_scale`` multiplies PyTorch's default init. ``horizon`` is the number of
+    ``depth`` counts hidden layers (MLP) or conv layers (CNN), residual blocks, an autoencoder's
+    hidden layers per side, or transformer / recurrent layers; ``width`` is hidden units (MLP,
+    residual MLP, autoencoder), channels (CNN), the model dimension (transformer) or the hidden
+    state (LSTM, GRU); see :func:`~.models.build_model`. CNNs read image sets, sequence models
+    (transformer, LSTM, GRU) the text sets, every other arch the feature and image sets; an
+    autoencoder reconstructs its inputs (a regression task whatever the dataset's labels).
+    ``conv_bias``: a CNN's convs keep their bias before BatchNorm. ``labelling``: one of
+    :data:`LABELLINGS`, how the task's weight space is labelled for the rule
+    (``meta_train.unroll.task_spec``). ``init_scale`` multiplies PyTorch's default init. ``horizon`` is the number of
     inner training steps T. ``seed`` seeds the initialisation and the minibatches (see
     :meth:`Task.generator`); ``data_seed`` seeds the dataset (its split, or the generated data).
     ``name`` is a label for logs and does not change the task.
@@ -61,16 +77,25 @@ class TaskConfig:
     seed: int = 0
     data_seed: int = 0
     name: str = ""
+    conv_bias: bool = False
+    labelling: str = "coupled"
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
         for field in ("depth", "width"):
             _check_int(field, getattr(self, field), 1)
-        if not isinstance(self.batchnorm, bool):
-            raise ValueError(f"batchnorm must be a bool, got {self.batchnorm!r}")
-        check_architecture(self.arch, self.depth, self.width, self.activation, self.batchnorm)
+        for field in ("batchnorm", "conv_bias"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")
+        check_architecture(self.arch, self.depth, self.width, self.activation, self.batchnorm, self.conv_bias)
         if self.arch == "cnn" and self.dataset not in IMAGE_DATASETS:
             raise ValueError(f"arch 'cnn' needs an image dataset ({', '.join(IMAGE_DATASETS)}), got {self.dataset!r}")
+        if (self.arch in SEQUENCE_ARCHS) != (self.dataset in TEXT_DATASETS):
+            raise ValueError(f"arch {self.arch!r} cannot read dataset {self.dataset!r}: the sequence archs "
+                             f"({', '.join(SEQUENCE_ARCHS)}) read the text sets ({', '.join(TEXT_DATASETS)}), "
+                             "the others the rest")
+        if self.labelling not in LABELLINGS:
+            raise ValueError(f"labelling must be one of {LABELLINGS}, got {self.labelling!r}")
         for field, minimum in (("batch_size", 1), ("horizon", 1), ("seed", 0), ("data_seed", 0)):
             _check_int(field, getattr(self, field), minimum)
         scale = self.init_scale
@@ -118,6 +143,8 @@ class Task:
         self.config = config
         self.holdout = holdout
         self.dataset: Dataset = load_dataset(config.dataset, config.data_seed, dtype, device)
+        if config.arch == "autoencoder":
+            self.dataset = reconstruction(self.dataset)
         with torch.random.fork_rng(devices=()):  # the template's own init must not advance the global RNG
             model = build_model(
                 config.arch,
@@ -127,6 +154,9 @@ class Task:
                 config.batchnorm,
                 self.dataset.input_shape,
                 self.dataset.n_outputs,
+                conv_bias=config.conv_bias,
+                vocabulary=self.dataset.vocabulary,
+                per_position=self.dataset.per_position,
             )
         self.model: nn.Module = model.to(device=device, dtype=dtype)
         self._initial_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
@@ -187,7 +217,8 @@ class Task:
                                "for a validation split")
 
     def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy for classification, mean squared error for regression."""
+        """Mean cross-entropy for classification (over every position of a sequence, for logits
+        ``(batch, classes, length)``), mean squared error for regression (and reconstruction)."""
         if self.is_classification:
             return F.cross_entropy(output, target)
         return F.mse_loss(output, target)
@@ -213,24 +244,27 @@ class Task:
 
     def full_train_loss(self, params: Params, buffers: Params) -> torch.Tensor:
         """Loss on the whole training split (its ``fit_index`` rows with ``holdout``) in eval mode
-        (BatchNorm uses its running statistics)."""
+        (BatchNorm uses its running statistics); at most :data:`MAX_EVAL_ROWS` rows."""
         if self.holdout:
-            return self.eval_loss(params, buffers, self.dataset.x_train[self.fit_index],
-                                 self.dataset.y_train[self.fit_index])
-        output = self._forward(params, buffers, self.dataset.x_train, training=False)
-        return self.criterion(output, self.dataset.y_train)
+            fit = self.fit_index[:MAX_EVAL_ROWS]
+            return self.eval_loss(params, buffers, self.dataset.x_train[fit], self.dataset.y_train[fit])
+        output = self._forward(params, buffers, self.dataset.x_train[:MAX_EVAL_ROWS], training=False)
+        return self.criterion(output, self.dataset.y_train[:MAX_EVAL_ROWS])
 
     def full_val_loss(self, params: Params, buffers: Params) -> torch.Tensor:
-        """Loss on the whole validation split in eval mode."""
+        """Loss on the whole validation split in eval mode; at most :data:`MAX_EVAL_ROWS` rows."""
         self._check_holdout()
-        return self.eval_loss(params, buffers, self.dataset.x_train[self.val_index],
-                             self.dataset.y_train[self.val_index])
+        val = self.val_index[:MAX_EVAL_ROWS]
+        return self.eval_loss(params, buffers, self.dataset.x_train[val], self.dataset.y_train[val])
 
     @torch.no_grad()
     def test_metrics(self, params: Params, buffers: Params) -> dict[str, float]:
-        """Test-split ``loss`` (and ``accuracy`` for classification) in eval mode."""
-        output = self._forward(params, buffers, self.dataset.x_test, training=False)
-        metrics = {"loss": self.criterion(output, self.dataset.y_test).item()}
+        """Test-split ``loss`` (and ``accuracy`` for classification, per position for a sequence
+        of predictions) in eval mode; at most :data:`MAX_EVAL_ROWS` rows. An autoencoder's loss is
+        its reconstruction error."""
+        x, y = self.dataset.x_test[:MAX_EVAL_ROWS], self.dataset.y_test[:MAX_EVAL_ROWS]
+        output = self._forward(params, buffers, x, training=False)
+        metrics = {"loss": self.criterion(output, y).item()}
         if self.is_classification:
-            metrics["accuracy"] = (output.argmax(dim=1) == self.dataset.y_test).float().mean().item()
+            metrics["accuracy"] = (output.argmax(dim=1) == y).float().mean().item()
         return metrics

@@ -122,3 +122,17 @@ def test_a_run_killed_and_resumed_ends_like_one_never_stopped(tmp_path):
     assert resumed.provenance["meta_steps"] == whole.provenance["meta_steps"] == 14
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_distribution_is_set_from_the_command_line_and_recorded(tmp_path):
+    from meta_train.cli import build_config, parse_args, task_distribution
+
+    assert build_config(parse_args(["--config", SMOKE])).distribution == "v1"
+    config = build_config(parse_args(["--config", SMOKE, "--set", "distribution=v2"]))
+    assert config.distribution == "v2"
+    assert task_distribution(MetaConfig()) == "meta_train.tasks.sample_task_config(split='train')"  # as it always was
+    out = tmp_path / "rule.nfopt"
+    main(["--config", SMOKE, "--set", "distribution=v2", "--set", "meta_steps=2", "--out", str(out)])
+    prov = load_rule(out).provenance
+    assert prov["config"]["distribution"] == "v2"
+    assert prov["task_distribution"] == "meta_train.tasks.sample_task_config(split='train', distribution='v2')"

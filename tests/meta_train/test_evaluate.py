@@ -41,3 +41,15 @@ def test_evaluation_reports_the_rule_and_adam_on_the_validation_split(tmp_path, 
     # the fresh rule steps as Adam does at its initial alpha (1e-3, Adam's lr here): the same numbers
     for key in results["adam"]:
         assert results["nfn"][key] == pytest.approx(results["adam"][key], rel=1e-3)
+
+
+def test_the_v2_held_out_split_is_evaluated_on_request(tmp_path, capsys):
+    configs = evaluation.task_configs(12, 1, steps=3, distribution="v2")
+    assert all(held_out_properties(c) for c in configs) and {c.arch for c in configs} - {"mlp", "cnn"}
+    assert evaluation.task_configs(4, 1, steps=3) == evaluation.task_configs(4, 1, steps=3, distribution="v1")
+    ckpt = tmp_path / "fresh.nfopt"
+    save_rule(fresh_rule(), ckpt)
+    evaluation.main(["--ckpt", str(ckpt), "--tasks", "3", "--steps", "2", "--seed", "1", "--distribution", "v2",
+                     "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert all(math.isfinite(v) for r in results.values() for v in r.values())

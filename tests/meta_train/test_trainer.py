@@ -36,7 +36,8 @@ def test_overrides_are_typed_by_the_config_fields():
     for bad, message in [("nope=1", "unknown config field"), ("rule.nope=1", "unknown config field"),
                          ("tasks_per_step=two", "takes a int"), ("first_order=maybe", "true or false"),
                          ("tasks_per_step=0", ">= 1"), ("horizon_max=10", "below horizon_min"), ("seed", "key=value"),
-                         ("activation=swish", "activation must be empty or one of")]:
+                         ("activation=swish", "activation must be empty or one of"),
+                         ("distribution=v3", "distribution must be one of")]:
         with pytest.raises(ValueError, match=message):
             MetaConfig().with_overrides([bad])
     with pytest.raises(ValueError, match="unknown meta-training config fields"):
@@ -51,6 +52,22 @@ def test_task_draws_are_a_function_of_seed_slot_and_draw():
     assert MetaTrainer(dataclasses.replace(SMALL, seed=1)).task_config(0, 0) != a.task_config(0, 0)
     with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
         MetaTrainer(dataclasses.replace(SMALL, tasks_per_step=3), Group(rank=0, world_size=2))
+
+
+def test_the_distribution_field_chooses_the_task_draws():
+    import numpy as np
+
+    from meta_train.tasks import sample_task_config
+
+    v1, v2 = MetaTrainer(SMALL), MetaTrainer(dataclasses.replace(SMALL, distribution="v2"))
+    assert SMALL.distribution == "v1"
+    for slot, draw in [(0, 0), (1, 5)]:
+        rng = lambda: np.random.default_rng([SMALL.seed, slot, draw])  # noqa: E731
+        assert v1.task_config(slot, draw) == sample_task_config(rng(), "train", (4, 6))
+        assert v2.task_config(slot, draw) == sample_task_config(rng(), "train", (4, 6), distribution="v2")
+    archs = {v2.task_config(0, d).arch for d in range(60)}
+    assert archs - {"mlp", "cnn"}  # the broader archs are drawn
+    assert {v1.task_config(0, d).arch for d in range(60)} <= {"mlp", "cnn"}
 
 
 def test_a_slot_draws_a_new_task_when_the_horizon_ends():

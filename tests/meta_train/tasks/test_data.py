@@ -69,3 +69,59 @@ def test_validation_split_is_a_function_of_the_seed():
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
     assert len(build(2, 0)[0]) == len(build(2, 0)[1]) == 1
+
+
+# --- text sets --------------------------------------------------------------------------------
+
+
+def test_text_excludes_the_benchmark_modules():
+    """The character tasks' text is that of other modules than the benchmark's, so that the
+    benchmark's text stays unseen in meta-training."""
+    from benchmarks import extra_tasks
+
+    assert not set(datasets.TEXT_MODULES) & set(extra_tasks.TEXT_MODULES)
+    assert datasets.ALPHABET == extra_tasks.ALPHABET
+    ours = " ".join(datasets.module_text(m)[: datasets.TEXT_CHARS_PER_MODULE] for m in datasets.TEXT_MODULES)
+    benchmark = extra_tasks.stdlib_text()
+    for module in extra_tasks.TEXT_MODULES:  # each benchmark module's own docstring is absent
+        doc = datasets.module_text(module)[:80]
+        assert len(doc) == 80 and doc in benchmark and doc not in ours, module
+    shared = {benchmark[i : i + 48] for i in range(0, len(benchmark) - 48, 7)} & {
+        ours[i : i + 48] for i in range(len(ours) - 48)
+    }
+    assert len(shared) < 0.01 * len(benchmark) / 7  # at most a stock phrase here and there
+
+
+@pytest.mark.parametrize("name", datasets.TEXT_DATASETS)
+def test_text_sets_are_token_windows_of_the_modules_text(name):
+    d = load_dataset(name, seed=3)
+    text = " ".join(datasets.module_text(m) for m in datasets.TEXT_MODULES)
+    assert d.x_train.dtype == d.y_train.dtype == torch.int64 and d.vocabulary == len(datasets.ALPHABET)
+    assert d.input_shape == (datasets.CONTEXT,) and len(d.x_train) > 8 * len(d.x_test) > 0
+    assert 0 <= int(d.x_train.min()) and int(d.x_train.max()) < d.vocabulary
+    for row in (d.x_train[0], d.x_train[-1], d.x_test[5]):
+        assert "".join(datasets.ALPHABET[i] for i in row.tolist()) in text
+    if name == "chars":
+        assert d.per_position and d.n_outputs == d.vocabulary
+        assert torch.equal(d.y_train[:, :-1], d.x_train[:, 1:]) and torch.equal(d.y_test[:, :-1], d.x_test[:, 1:])
+    else:
+        assert not d.per_position and d.n_outputs == len(datasets.TEXT_MODULES)
+        counts = torch.bincount(d.y_train, minlength=d.n_outputs)
+        assert counts.min() > 0.8 * counts.max()  # balanced classes
+    build = datasets._arrays.__wrapped__
+    np.testing.assert_array_equal(build(name, 3).x_train, d.x_train.numpy())
+    assert not np.array_equal(build(name, 4).x_train[:10], d.x_train[:10].numpy())  # the offset follows the seed
+
+
+def test_validation_split_of_a_text_set():
+    from meta_train.tasks import Task, TaskConfig
+
+    task = Task(TaskConfig("chars", "gru", depth=1, width=16, batch_size=32, data_seed=2), holdout=True)
+    fit, val = datasets.validation_split(len(task.dataset.x_train), 2)
+    assert torch.equal(task.fit_index, torch.tensor(fit)) and torch.equal(task.val_index, torch.tensor(val))
+    g = torch.Generator().manual_seed(0)
+    x, y = task.sample_batch(g)
+    i = task.fit_index[torch.randint(len(task.fit_index), (32,), generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(x, task.dataset.x_train[i]) and torch.equal(y, task.dataset.y_train[i])
+    xv, _ = task.sample_val_batch(task.generator("val"))
+    assert xv.shape == (32, datasets.CONTEXT)
