@@ -270,7 +270,7 @@ def learned_update(
 
     Per tensor, with d and c the NFN's two output channels:
 
-        Δ = -lr·α·(u + g·B·tanh(β·d/B))·exp(g·clamp(γ·c, -L, L))  and, decoupled, -lr·α·wd·p
+        Δ = -lr·α·(u + G·B·tanh(β·d/B))·exp(G·clamp(γ·c, -L, L))  and, decoupled, -lr·α·wd·p
 
     α, β, γ = the config's initial values times exp(log_alpha), exp(log_beta), exp(log_gamma);
     B = ``max_deviation``, L = ``max_log_scale``. A tensor whose gradient is not finite keeps its
@@ -279,7 +279,13 @@ def learned_update(
         g = e / (e + F·ref),  e = sqrt(v̂ + floor) - sqrt(floor),  ref² = mean of (v̂ + floor)
 
     the mean taken over every element of every tensor of the weight space (of the tensor's
-    component, in a batch of spaces), with v̂ after this step's update.
+    component, in a batch of spaces), with v̂ after this step's update. G = g·s, with s = 1 where
+    ``snr_gate`` κ is 0; else, per element,
+
+        s = ρ² / (ρ² + κ²),  ρ = |m̂| / (sqrt(v̂ + floor) + eps),  m̂ = m / (1 - d^t)
+
+    m the last momentum (decay d, the last of ``momentum_decays``), t the step count after this
+    update (at least 1).
     """
     cfg = rule.config
     f = cfg.features
@@ -335,6 +341,12 @@ def learned_update(
         if floor:
             e = roots[ti] - math.sqrt(SQRT_FLOOR)
             gate = e / (e + floor * refs[components[ti]])
+        kappa = getattr(cfg, "snr_gate", 0.0)
+        if kappa:
+            state = new_states[ti]
+            m_hat = state["momenta"][-1] / (1 - f.momentum_decays[-1] ** state["step"].clamp(min=1))
+            rho = m_hat.abs() / (roots[ti] + f.eps)
+            gate = gate * rho.square() / (rho.square() + kappa**2)
         step = (u + gate * bound * torch.tanh(beta * d / bound)) * torch.exp(gate * torch.clamp(gamma * c, -limit, limit))
         rate = lr * alpha
         new_params.append(p - rate * wd * p - rate * step)

@@ -101,6 +101,22 @@ def _cases() -> dict[str, Case]:
     cases["gated-nan-signs-weird"] = Case(lambda: _signs("weird"), {"sign_flips": True, "gate_floor": 0.3}, nonfinite=1)
     cases["gated-every_relation"] = Case(every_relation_spec, {"pooled_last": False, "gate_floor": 0.5})
     cases["gated-random1"] = Case(lambda: random_spec(1), {**CONFIGS[1], "gate_floor": 1.0})
+    # the signal-to-noise factor of the gate, alone and with the floor's
+    cases["snr-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "snr_gate": 0.5})
+    cases["snr-gated-independent-mlp2_tanh"] = Case(lambda: _independent("mlp2_tanh"), {"gate_floor": 0.05, "snr_gate": 0.25})
+    cases["snr-signs-mlp2_tanh"] = Case(lambda: _signs("mlp2_tanh"), {"sign_flips": True, "snr_gate": 0.3})
+    cases["snr-gated-signs-mlp2_tanh"] = Case(
+        lambda: _signs("mlp2_tanh"), {**CONFIGS[2], "sign_flips": True, "gate_floor": 2.0, "snr_gate": 1.0}
+    )
+    cases["snr-nan-signs-weird"] = Case(lambda: _signs("weird"), {"sign_flips": True, "snr_gate": 0.3}, nonfinite=1)
+    cases["snr-gated-nan-zoo-cnn_flatten"] = Case(
+        lambda: _labelled("cnn_flatten"), {"gate_floor": 0.3, "snr_gate": 0.5}, nonfinite=2
+    )
+    cases["snr-gated-every_relation"] = Case(every_relation_spec, {"pooled_last": False, "gate_floor": 0.5, "snr_gate": 0.5})
+    # the momentum the factor reads is the last of the decays, here not the slowest nor Adam's
+    cases["snr-decays-random0"] = Case(
+        lambda: random_spec(0), {"features": {"momentum_decays": (0.95, 0.5), "adam_momentum": 0}, "snr_gate": 0.5}
+    )
     return cases
 
 

@@ -104,6 +104,12 @@ def bias_corrections(step: torch.Tensor, cfg: FeatureConfig) -> tuple[torch.Tens
     return 1 - cfg.momentum_decays[cfg.adam_momentum] ** t, 1 - cfg.beta2**t
 
 
+def snr_bias_correction(step: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """1 - d^t of the last momentum's decay d (the slowest by default, 0.99), which the rule's
+    signal-to-noise gate reads, of each member (B,) at its step t (at least 1)."""
+    return 1 - cfg.momentum_decays[-1] ** step.clamp(min=1)
+
+
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's bias-corrected direction m̂/(sqrt(v̂)+eps), and sqrt(v̂), of B same-shape tensors
     (statistics as in :func:`update_statistics`); at step 0 both are zero."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..nn.layer import Terms
 from ..nn.plan import Bucket
-from .features import SQRT_FLOOR, bias_corrections, context
+from .features import SQRT_FLOOR, bias_corrections, context, snr_bias_correction
 
 SOURCE = Path(__file__).with_name("fused_step.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared") + (
@@ -66,7 +66,7 @@ class _Pass(ctypes.Structure):
         ("member", _ptr),
         ("rates", _f64 * MAX_MOMENTA),
         ("v_rate", _f64), ("eps", _f64), ("sqrt_floor", _f64), ("rms_eps", _f64), ("beta_over_bound", _f64),
-        ("gamma", _f64), ("bound", _f64), ("limit", _f64),
+        ("gamma", _f64), ("bound", _f64), ("limit", _f64), ("snr", _f64),
         ("a", _ptr * MAX_LAYERS),
         ("a_member_stride", _i64 * MAX_LAYERS),
         ("constant", _ptr * MAX_LAYERS),
@@ -235,6 +235,7 @@ class _Workspace:
         base.rates[: len(cfg.momentum_decays)] = [1 - d for d in cfg.momentum_decays]
         base.v_rate, base.eps, base.sqrt_floor, base.rms_eps = 1 - cfg.beta2, cfg.eps, SQRT_FLOOR, cfg.rms_eps
         base.bound, base.limit = config.max_deviation, config.max_log_scale
+        base.snr = config.snr_gate**2  # κ² of the signal-to-noise gate; 0 without it
         self.base = base
         c0 = widths[0]
         self.sumsq = torch.empty((threads, members, c0), dtype=torch.float64)
@@ -390,7 +391,7 @@ class FusedPasses:
         return code
 
     def first_pass(self, dims: Sequence[tuple[int, ...]], member: torch.Tensor) -> bool:
-        """Pass 0 with the members' scalars ``member`` (B, 6): the features' inverse RMS and the
+        """Pass 0 with the members' scalars ``member`` (B, 7): the features' inverse RMS and the
         means over ``dims`` of the features scaled by it; False where a gradient held a
         non-finite value (see ``finite``)."""
         ws = self._ws
@@ -451,6 +452,7 @@ class FusedStep:
         self.passes = list(passes)
         first = self.passes[0]
         self._cfg, self._alpha, dtype = first.rule.config.features, first.scalars[0], first._ws.dtype
+        self._snr = bool(first.rule.config.snr_gate)
         self._counters = [st["step"] for p in self.passes for st in p.states]
         self._before = torch.stack(self._counters)
         self._sizes = [len(p.states) for p in self.passes]
@@ -459,12 +461,15 @@ class FusedStep:
         self._member = self._table(torch.ones(len(self._counters), dtype=dtype))
 
     def _table(self, ok: torch.Tensor) -> torch.Tensor:
-        """The loop's per-member scalars (N, 6): flag, bias corrections, rate, weight decay, and
-        the gate's F·ref (set after pass 0, see :meth:`FusedPasses.set_gate`)."""
+        """The loop's per-member scalars (N, 7): flag, bias corrections, rate, weight decay, the
+        gate's F·ref (set after pass 0, see :meth:`FusedPasses.set_gate`) and, with the
+        signal-to-noise gate, the bias correction of the momentum it reads (else 0)."""
         self.ok, self.step = ok, self._before + ok
         bc1, bc2 = bias_corrections(self.step, self._cfg)
         lr, wd = self._rates
-        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd, torch.zeros_like(ok)], 1).to(torch.float64)
+        zero = torch.zeros_like(ok)
+        bcs = snr_bias_correction(self.step, self._cfg) if self._snr else zero
+        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd, zero, bcs], 1).to(torch.float64)
 
     def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, None]]:
         """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means

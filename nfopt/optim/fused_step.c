@@ -95,9 +95,11 @@ typedef struct {
     int64_t width[MAX_LAYERS + 1];
     REAL **p, **g, **m, **v;  /* per member */
     const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay,
-                                 the gate's F·ref (set after pass 0) */
+                                 the gate's F·ref (set after pass 0), the last momentum's bias
+                                 correction (with the signal-to-noise gate) */
     double rates[MAX_MOMENTA];  /* 1 - decay, per momentum */
     double v_rate, eps, sqrt_floor, rms_eps, beta_over_bound, gamma, bound, limit;
+    double snr;               /* κ² of the signal-to-noise gate s = ρ² / (ρ² + κ²); 0 without it */
     const REAL *a[MAX_LAYERS];  /* (members?, out, in); the first layer's for unscaled inputs */
     int64_t a_member_stride[MAX_LAYERS];
     const REAL *constant[MAX_LAYERS]; /* (members, out) or null */
@@ -601,7 +603,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         stride *= s->n[d];
     }
     const int64_t b = at[0] = rest;
-    const double *mem = s->member + 6 * b;
+    const double *mem = s->member + 7 * b;
     const int ok = mem[0] != 0;
     const REAL bc1 = (REAL)mem[1], bc2 = (REAL)mem[2], rate = (REAL)mem[3], wd = (REAL)mem[4];
     const REAL inv_bc1 = (REAL)1 / bc1, inv_bc2 = (REAL)1 / bc2; /* products, not quotients, per element */
@@ -609,6 +611,10 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     const int gated = s->gate != 0, gate_sums = gated && s->mode == 0 && s->flips; /* else from sumsq */
     const REAL root0 = SQRT(fl); /* sqrt(v̂ + ε) where v̂ = 0, rounded alike */
     const REAL floor_ref = (REAL)mem[5] > REAL_TINY ? (REAL)mem[5] : REAL_TINY; /* > 0 where F·ref underflows */
+    /* the signal-to-noise gate: ρ = m̂ / (sqrt(v̂ + ε) + eps) of the last momentum, s = ρ² / (ρ² + κ²),
+       κ² at least the smallest normal number (never 0/0) */
+    const int snr = s->snr > 0 && last;
+    const REAL kappa2 = (REAL)s->snr > REAL_TINY ? (REAL)s->snr : REAL_TINY, inv_bcs = snr ? (REAL)1 / (REAL)mem[6] : 0;
     Block gate;
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];
@@ -668,6 +674,12 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
                 const REAL e = x[root][k] - root0;
                 gate[k] = e / (e + floor_ref);
             }
+        if (snr) /* per element: 2 multiplies, 2 adds, 2 divides (and 1 multiply with the floor's gate) */
+            for (int64_t k = 0; k < BLOCK; k++) {
+                const REAL rho = x[1 + M][k] * inv_bcs / (x[root][k] + eps), rho2 = rho * rho;
+                const REAL f = rho2 / (rho2 + kappa2);
+                gate[k] = gated ? gate[k] * f : f;
+            }
         if (s->flips)
             for (int64_t k = 0; k < BLOCK; k++) x[root][k] *= sign(u[k]);
         if (s->mode == 0) {
@@ -687,7 +699,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         }
         /* the update, then the statistics */
         Block out;
-        update(s, out, xin[0], in[0], in[1], u, gated ? gate : NULL, rate, wd);
+        update(s, out, xin[0], in[0], in[1], u, gated || snr ? gate : NULL, rate, wd);
         store(P + e, out, len, ls, index);
         for (int64_t j = 0; j < M; j++) store(Mm + j * numel + e, x[2 + j], len, ls, index);
         store(V + e, v, len, ls, index);

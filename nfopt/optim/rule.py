@@ -1,6 +1,6 @@
 """The learned update rule: features -> NFN -> a residual on Adam's step.
 
-    Δ = -lr · α · (u_adam + g·B·tanh(β·d / B)) · exp(g·clamp(γ·c, ±L))
+    Δ = -lr · α · (u_adam + G·B·tanh(β·d / B)) · exp(G·clamp(γ·c, ±L)),   G = g·s
 
 d and c are the NFN's two output channels, α, β, γ meta-learned positive scalars, each stored as
 the log of its ratio to the config's initial value (so that a fresh rule's α is the configured
@@ -20,7 +20,20 @@ mean is over every element of every tensor of the weight space (of its component
 spaces): invariant to permutations and sign flips. Where the gradient history is zero, v̂ = 0 gives
 u_adam = 0 and g = 0, so Δ = 0 (whatever the NFN says); where the gradients are at rounding-noise
 level relative to the rest of the model (r = sqrt(v̂)/ref tiny), g ≈ r/F and the step is Adam's
-to within that fraction. This module is the functional core
+to within that fraction.
+
+s is a second per-element factor, from the gradient's signal-to-noise ratio (``snr_gate`` κ;
+without one, κ = 0, s = 1):
+
+    s = ρ² / (ρ² + κ²),   ρ = |m̂| / (sqrt(v̂ + ε) + eps)
+
+with m̂ the last momentum (of ``momentum_decays[-1]``, the slowest: 0.99 by default)
+bias-corrected, v̂ and ε as above and eps Adam's. Under gradients that are pure noise the slow
+momentum averages them away (ρ ≈ sqrt((1 - d)/(1 + d)) ≈ 0.07 for d = 0.99), so with κ ≈ 0.25 the
+learned part is damped about 13-fold and the step is nearly Adam's; under a consistent gradient
+ρ → 1 and s → 1/(1 + κ²). At step 1, ρ = 1 for any gradient. ρ² is a square (no |·| to
+differentiate) and 0 where m is, so s = 0 where the gradient history is zero, with finite
+derivatives; ρ does not change under permutations or sign flips of the weights. This module is the functional core
 shared by :class:`~nfopt.optim.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
 
@@ -43,7 +56,8 @@ import torch
 from torch import nn
 
 from .features import (
-    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, stack_features, update_statistics,
+    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, snr_bias_correction,
+    stack_features, update_statistics,
 )
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, constant, from_canonical, plan_for, to_canonical
@@ -76,6 +90,7 @@ class UpdateConfig:
     max_log_scale: float = 2.0
     sign_flips: bool = False  # equivariant to sign flips of hidden neurons that admit them (tanh)
     gate_floor: float = 0.0  # > 0: the learned part gated per element by g = r/(r + gate_floor) (see above)
+    snr_gate: float = 0.0  # κ > 0: the gate times s = ρ²/(ρ² + κ²), ρ the gradient's signal-to-noise ratio (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
@@ -85,17 +100,20 @@ class UpdateConfig:
                 f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
                 f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
-        object.__setattr__(self, "gate_floor", float(self.gate_floor))
-        if not self.gate_floor >= 0 or not math.isfinite(self.gate_floor):
-            raise ValueError(f"gate_floor must be finite and at least 0, got {self.gate_floor}")
+        for name in ("gate_floor", "snr_gate"):
+            value = float(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not value >= 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be finite and at least 0, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; without ``gate_floor`` where it is 0 (no gate), so that a rule
-        without a gate is written, and fingerprinted, as it was before the option existed (and
-        earlier nfopt versions still read its files)."""
+        """The fields as a dict; without ``gate_floor`` or ``snr_gate`` where it is 0 (that factor
+        of the gate off), so that a rule without it is written, and fingerprinted, as it was before
+        the option existed (and earlier nfopt versions still read its files)."""
         d = asdict(self)
-        if not self.gate_floor:
-            del d["gate_floor"]
+        for name in ("gate_floor", "snr_gate"):
+            if not d[name]:
+                del d[name]
         return d
 
 
@@ -157,7 +175,7 @@ class LearnedUpdate(nn.Module):
         for bucket, y, s, floor in zip(plan.buckets, ys, buckets, floors):
             m = bucket.members
             y = from_canonical(y, bucket.plan, bucket.shape)
-            gate = None if floor is None else _gate(s.root_v, floor)
+            gate = self._gates(s.state["momenta"], s.state["step"], s.root_v, floor)
             new = self._step(
                 s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket), gate
             )
@@ -280,6 +298,21 @@ class LearnedUpdate(nn.Module):
             totals = sums.new_zeros(len(counts)).index_add(0, at, sums)
             floors = (self.config.gate_floor * torch.sqrt(totals / count))[at]
         return list(floors.split([len(b.members) for b in plan.buckets]))
+
+    def _gates(
+        self, momenta: torch.Tensor, step: torch.Tensor, root_v: torch.Tensor, floor: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The gate G = g·s (B, *shape) on the learned part from the momenta (B, M, *shape), the
+        step counts (B,) after this update, sqrt(v̂ + ε) (B, *shape) and the members' F·ref (B,)
+        (None without ``gate_floor``): g of :func:`_gate` where F > 0, s of :func:`_snr` where
+        κ > 0; None where neither is (no gate, no work)."""
+        gate = None if floor is None else _gate(root_v, floor)
+        kappa = self.config.snr_gate
+        if kappa:
+            bc = snr_bias_correction(step, self.config.features)
+            s = _snr(momenta[:, -1], bc, root_v, kappa, self.config.features.eps)
+            gate = s if gate is None else gate * s
+        return gate
 
     def _step(
         self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor,
@@ -419,12 +452,13 @@ class _EagerPasses(ChunkPasses):
 
     def _consume_rows(self, rows: slice | None, y: torch.Tensor) -> None:
         s, bucket = self.work, self.bucket
+        chunk = _rows(s.state, rows)
         if s.u is not None:
             u, root_v, y = s.u, s.root_v, from_canonical(y, bucket.plan, bucket.shape)
         else:
-            u, root_v = adam_direction({"step": s.state["step"], **_rows(s.state, rows)}, self.rule.config.features)
+            u, root_v = adam_direction({"step": s.state["step"], **chunk}, self.rule.config.features)
             y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
-        gate = None if self.floor is None else _gate(root_v, self.floor)
+        gate = self.rule._gates(chunk["momenta"], s.state["step"], root_v, self.floor)
         target = _rows_of(s.p, rows)
         target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket), gate))
 
@@ -557,6 +591,16 @@ def _gate(root_v: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     e = root_v - torch.sqrt(constant([SQRT_FLOOR], root_v))
     floor = floor.to(root_v.dtype).clamp(min=torch.finfo(root_v.dtype).tiny)  # > 0 even where F·ref underflows
     return e / (e + per_member(floor, e))
+
+
+def _snr(momentum: torch.Tensor, bc: torch.Tensor, root_v: torch.Tensor, kappa: float, eps: float) -> torch.Tensor:
+    """The signal-to-noise factor s = ρ²/(ρ² + κ²) (B, *shape) of the gate, ρ = m̂/(sqrt(v̂ + ε) +
+    eps) with m̂ = m/bc the last momentum ``momentum`` (B, *shape) bias-corrected by ``bc`` (B,).
+    ρ² is a square, so it has a derivative everywhere, and 0 where m is (then s = 0); κ² is kept
+    at least the dtype's smallest normal number, so that s is never 0/0."""
+    rho = momentum / per_member(bc, momentum) / (root_v + eps)
+    rho2 = rho * rho
+    return rho2 / (rho2 + max(kappa * kappa, torch.finfo(rho.dtype).tiny))
 
 
 @lru_cache(maxsize=256)
