@@ -500,12 +500,14 @@ def test_rule_files_with_the_old_content_key_load(tmp_path):
     assert_same_rule(load_rule(path), rule)
 
 
-def test_a_gated_rule_round_trips(tmp_path):
+@pytest.mark.parametrize("gates", [{"gate_floor": 0.25}, {"snr_gate": 0.5}, {"gate_floor": 0.25, "snr_gate": 0.5}])
+def test_a_gated_rule_round_trips(tmp_path, gates):
     path = tmp_path / "gated.nfopt"
-    rule = save_fresh(path, gate_floor=0.25)
+    rule = save_fresh(path, **gates)
     back = load_rule(path)
     assert_same_rule(back, rule)
-    assert back.config.gate_floor == 0.25 and read_metadata(path)["config"]["gate_floor"] == 0.25
+    for name, value in gates.items():
+        assert getattr(back.config, name) == value and read_metadata(path)["config"][name] == value
 
 
 def test_rules_without_a_gate_are_written_and_read_as_before_it_existed(tmp_path):
@@ -513,11 +515,11 @@ def test_rules_without_a_gate_are_written_and_read_as_before_it_existed(tmp_path
     without it, as every earlier file has, loads as a rule without the gate."""
     path = tmp_path / "plain.nfopt"
     rule = save_fresh(path, hidden_channels=5)
-    assert "gate_floor" not in read_metadata(path)["config"]
+    assert not {"gate_floor", "snr_gate"} & set(read_metadata(path)["config"])
     rewrite(path, mutate_meta=lambda m: m["config"].pop("gate_floor", None))
     back = load_rule(path)
     assert_same_rule(back, rule)
-    assert back.config.gate_floor == 0.0
+    assert back.config.gate_floor == 0.0 and back.config.snr_gate == 0.0
     assert "gate_floor" not in read_metadata(default_checkpoint_path())["config"]
     assert load_rule(default_checkpoint_path()).config.gate_floor == 0.0
 

@@ -296,11 +296,11 @@ def test_compiling_the_step_compiles_nothing() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def _gated_rule(gate_floor: float = 0.1):
-    """A rule with every weight random (the NFN far from Adam) and the gate on its learned part."""
+def _gated_rule(gate_floor: float = 0.1, snr_gate: float = 0.0):
+    """A rule with every weight random (the NFN far from Adam) and a gate on its learned part."""
     from ..test_reference_equivalence import random_rule
 
-    return random_rule(0, gate_floor=gate_floor).float()
+    return random_rule(0, gate_floor=gate_floor, snr_gate=snr_gate).float()
 
 
 ZERO_GRADIENT_PATHS = [("1", torch.float32), ("0", torch.float32), ("1", torch.float64), ("0", torch.float64)]
@@ -321,17 +321,18 @@ ZERO_GRADIENT_IDS = ["loop-float32", "torch-float32", "loop-float64", "torch-flo
         ),
         "gated",
         "gated, F·ref underflowing",
+        "signal-to-noise gated",
     ],
 )
 @pytest.mark.parametrize("fused,dtype", ZERO_GRADIENT_PATHS, ids=ZERO_GRADIENT_IDS)
 def test_zero_gradients_leave_the_parameters_where_they_are(rule: str, fused: str, dtype: torch.dtype, monkeypatch) -> None:
     """PyTorch's test_step_is_noop_for_zero_grads, for the shipped default and for a rule with
-    random weights and the gate (``gate_floor``), whose learned part cannot move an element whose
-    gradient history is zero."""
+    random weights and a gate (``gate_floor`` or ``snr_gate``), whose learned part cannot move an
+    element whose gradient history is zero."""
     monkeypatch.setenv("NFOPT_FUSED", fused)
     model = mlp(dtype)
-    floors = {"gated": 0.1, "gated, F·ref underflowing": 1e-40}
-    opt = NFNOptimizer(model.parameters(), rule=_gated_rule(floors[rule])) if rule in floors else NFNOptimizer(model.parameters())
+    gates = {"gated": (0.1, 0.0), "gated, F·ref underflowing": (1e-40, 0.0), "signal-to-noise gated": (0.0, 0.5)}
+    opt = NFNOptimizer(model.parameters(), rule=_gated_rule(*gates[rule])) if rule in gates else NFNOptimizer(model.parameters())
     before = [p.clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -51,6 +51,18 @@ def test_meta_gradient_reaches_every_weight():
 def test_bad_config():
     with pytest.raises(ValueError, match="positive"):
         UpdateConfig(alpha=0.0)
+    for name in ("gate_floor", "snr_gate"):
+        for bad in (-0.1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be finite and at least 0"):
+                UpdateConfig(**{name: bad})
+
+
+def test_gate_fields_are_left_out_of_the_dict_where_off():
+    """A rule without a gate writes (and fingerprints) the config it wrote before the options existed."""
+    assert not {"gate_floor", "snr_gate"} & set(UpdateConfig().to_dict())
+    d = UpdateConfig(gate_floor=0.1, snr_gate=0.5).to_dict()
+    assert (d["gate_floor"], d["snr_gate"]) == (0.1, 0.5)
+    assert UpdateConfig(**UpdateConfig(snr_gate=0.5).to_dict()) == UpdateConfig(snr_gate=0.5)
 
 
 def test_a_step_strays_from_adam_by_a_bounded_amount():
@@ -168,11 +180,11 @@ def test_a_batch_of_weight_spaces_steps_each_as_alone(gate_floor: float) -> None
 # ---- the gate on the learned part (UpdateConfig.gate_floor) -----------------------------------------
 
 
-def _gated_rule(gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64) -> LearnedUpdate:
+def _gated_rule(gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64, snr_gate: float = 0.0) -> LearnedUpdate:
     """A rule of the default shape with every weight random (the NFN is far from Adam)."""
     from ..test_reference_equivalence import random_rule
 
-    return random_rule(seed, gate_floor=gate_floor).to(dtype)
+    return random_rule(seed, gate_floor=gate_floor, snr_gate=snr_gate).to(dtype)
 
 
 def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
@@ -192,13 +204,14 @@ def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
     return before, params
 
 
-@pytest.mark.parametrize("floor", [0.1, 1e-50])
+@pytest.mark.parametrize("floor,snr", [(0.1, 0.0), (1e-50, 0.0), (0.0, 0.5), (1e-50, 1e-30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor):
+def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor, snr):
     """Whatever the NFN's weights: a tensor with no gradient yet, and the elements of another
-    with none, keep their values to the bit while the rest move (also with a floor so small that
-    F·ref underflows); without the gate they move."""
-    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype), dtype)
+    with none, keep their values to the bit while the rest move, with either gate (also with a
+    floor so small that F·ref underflows, and κ² below the smallest normal number); without a
+    gate they move."""
+    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype, snr_gate=snr), dtype)
     assert torch.equal(after[1], before[1]) and torch.equal(after[2][0], before[2][0])
     assert (after[2][1:] != before[2][1:]).all() and (after[0] != before[0]).all()
     before, after = _zero_history_run(_gated_rule(0.0, dtype=dtype), dtype)
@@ -245,6 +258,33 @@ def test_with_a_gate_noise_level_gradients_step_no_further_than_adam():
     alpha = rule.scalars()[0].item()
     assert (ours > adam * (1 + tol) + tol * alpha).any()
     assert (ours - adam).max() > 0.1 * alpha
+
+
+def _noise_growth(rule: LearnedUpdate, steps: int = 300) -> float:
+    """How far the parameter norm of an MLP's space grows over ``steps`` steps of pure-noise
+    gradients (N(0, 1), a fresh draw every step)."""
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(6)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    states = [init_state(p, rule.config.features) for p in params]
+    norm = lambda: float(torch.cat([p.flatten() for p in params]).norm())  # noqa: E731
+    start = norm()
+    with torch.no_grad():
+        for _ in range(steps):
+            params, states, _ = rule(spec, params, [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors], states)
+    return norm() - start
+
+
+def test_the_signal_to_noise_gate_damps_the_learned_part_under_pure_noise():
+    """A rule whose NFN is far from Adam random-walks (and drifts) far under pure-noise gradients;
+    with the signal-to-noise gate (κ = 0.5), which reads the slow momentum averaging the noise
+    away, its norm grows a small fraction as much, with the floor's gate too; the floor's gate
+    alone, which reads only the gradients' scale, does not damp it."""
+    free = _noise_growth(_gated_rule(0.0))
+    assert free > 0
+    for floor in (0.0, 0.1):
+        assert _noise_growth(_gated_rule(floor, snr_gate=0.5)) < 0.2 * free, floor
+    assert _noise_growth(_gated_rule(0.1)) > 0.5 * free
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
