@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meta_train.tasks.data import Dataset, load_dataset
+from meta_train.tasks.data import ALPHABET, Dataset, load_dataset, module_text
 from meta_train.tasks import Params, Task
 
 RESIDUAL_WIDTH = 64
@@ -36,8 +34,6 @@ RESIDUAL_BLOCKS = 6
 
 TEXT_MODULES = ("textwrap", "random", "functools", "collections", "json", "argparse", "string")
 """Standard-library modules whose docstrings make the character task's text."""
-ALPHABET = "abcdefghijklmnopqrstuvwxyz .,()"
-"""The character task's vocabulary: text is lower-cased and every other character becomes a space."""
 CONTEXT = 32
 """Characters per training sequence."""
 TEXT_TEST_FRACTION = 0.1
@@ -121,16 +117,9 @@ class CharTransformer(nn.Module):
 
 
 def stdlib_text() -> str:
-    """Docstrings of :data:`TEXT_MODULES` and their public members, reduced to :data:`ALPHABET`."""
-    parts = []
-    for module in map(importlib.import_module, TEXT_MODULES):
-        parts.append(inspect.getdoc(module) or "")
-        for name, obj in sorted(vars(module).items()):
-            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
-                parts.append(inspect.getdoc(obj) or "")
-    text = " ".join(parts).lower()
-    text = re.sub(f"[^{re.escape(ALPHABET)}]", " ", text)
-    return re.sub(" +", " ", text).strip()
+    """Docstrings of :data:`TEXT_MODULES` and their public members, reduced to :data:`ALPHABET`
+    (the meta-training text sets' alphabet), one module after another."""
+    return re.sub(" +", " ", " ".join(map(module_text, TEXT_MODULES))).strip()
 
 
 @functools.lru_cache(maxsize=None)

@@ -288,19 +288,26 @@ IN_PLACE_PATHS = {
 of a few elements)."""
 
 
+def take_in_place_path(path: str, monkeypatch) -> tuple[bool, list]:
+    """Make ``step_`` run by ``path`` of :data:`IN_PLACE_PATHS`: whether it takes the compiled loop,
+    and the list that records each pass that finished in it."""
+    use_loop, parallel, chunk = IN_PLACE_PATHS[path]
+    monkeypatch.setenv("NFOPT_FUSED", "1" if use_loop else "0")
+    monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
+    if parallel is not None:
+        monkeypatch.setattr(fused_module, "PARALLEL_ELEMENTS", parallel)
+    looped: list = []
+    monkeypatch.setattr(fused_module.FusedPasses, "finish", _spy(fused_module.FusedPasses.finish, looped))
+    return use_loop, looped
+
+
 @pytest.mark.parametrize("path", sorted(IN_PLACE_PATHS))
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_in_place_step_matches_the_reference(name: str, path: str, monkeypatch) -> None:
     """The optimizer's in-place step (``LearnedUpdate.step_``), through the compiled loop and
     through PyTorch ops whole and in chunks, writes the parameters and statistics the
     specification computes."""
-    use_loop, parallel, chunk = IN_PLACE_PATHS[path]
-    monkeypatch.setenv("NFOPT_FUSED", "1" if use_loop else "0")
-    monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
-    if parallel is not None:
-        monkeypatch.setattr(fused_module, "PARALLEL_ELEMENTS", parallel)
-    looped = []
-    monkeypatch.setattr(fused_module.FusedPasses, "finish", _spy(fused_module.FusedPasses.finish, looped))
+    use_loop, looped = take_in_place_path(path, monkeypatch)
     case = CASES[name]
     spec = case.spec()
     space = spec.space if isinstance(spec, MonomialSpec) else spec

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from nfopt.optim import fused as fused_module
-from nfopt.optim import rule as rule_module
 from nfopt.optim.blocks import Blocks
 from nfopt.weight_space import MonomialSpec, TensorSpec, WeightSpaceSpec
 
-from ..test_reference_equivalence import IN_PLACE_PATHS, _spy, assert_close, random_inputs, random_rule
+from ..test_reference_equivalence import IN_PLACE_PATHS, assert_close, random_inputs, random_rule, take_in_place_path
 
 H = 3
 GATES = 4
@@ -78,13 +77,7 @@ def test_the_functional_step_reads_blocks_as_tensors() -> None:
 
 @pytest.mark.parametrize("path", sorted(IN_PLACE_PATHS))
 def test_the_in_place_step_writes_each_block_as_its_own_tensor(path: str, monkeypatch) -> None:
-    use_loop, parallel, chunk = IN_PLACE_PATHS[path]
-    monkeypatch.setenv("NFOPT_FUSED", "1" if use_loop else "0")
-    monkeypatch.setattr(rule_module, "CHUNK_ELEMENTS", chunk)
-    if parallel is not None:
-        monkeypatch.setattr(fused_module, "PARALLEL_ELEMENTS", parallel)
-    looped = []
-    monkeypatch.setattr(fused_module.FusedPasses, "finish", _spy(fused_module.FusedPasses.finish, looped))
+    use_loop, looped = take_in_place_path(path, monkeypatch)
     rule = random_rule(4)
     x = random_inputs(rule, BLOCKED, 4, NONFINITE)
     expected, expected_states, _ = separate_step(rule, x)
