@@ -28,6 +28,7 @@ from torch import nn
 from nfopt.optim.optimizer import NFNOptimizer
 
 from .tasks import DISTRIBUTIONS, Task, TaskConfig, sample_task_config
+from .trainer import MetaConfig
 
 ADAM_LR = 1e-3
 
@@ -60,11 +61,17 @@ def train_and_score(config: TaskConfig, build: Callable[[nn.Module], torch.optim
     return {k: v if math.isfinite(v) else math.inf for k, v in scores.items()}
 
 
+LOG_EPS = MetaConfig.loss_eps
+"""Added to every loss inside the log means (as in the meta-loss), so that a loss of exactly 0
+scores log(eps), not -inf."""
+
+
 def evaluate(
     ckpt: str | None, tasks: int, steps: int, seed: int, distribution: str = "v1"
 ) -> dict[str, dict[str, float]]:
     """For ``"nfn"`` (the rule at ``ckpt``; the packaged default if ``None``) and ``"adam"``: the
-    mean ``train_loss`` and ``val_loss`` over the tasks, and ``log_train_loss``, ``log_val_loss``."""
+    mean ``train_loss`` and ``val_loss`` over the tasks, and ``log_train_loss``, ``log_val_loss``
+    (means of log(loss + :data:`LOG_EPS`))."""
     optimizers: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         "nfn": lambda m: NFNOptimizer(m.parameters(), ckpt=ckpt),
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=ADAM_LR),
@@ -77,7 +84,7 @@ def evaluate(
         for key in ("train_loss", "val_loss"):
             values = np.array([r[key] for r in runs])
             out[name][key] = float(values.mean())
-            out[name][f"log_{key}"] = float(np.log(values).mean())
+            out[name][f"log_{key}"] = float(np.log(values + LOG_EPS).mean())
     return out
 
 

@@ -53,3 +53,13 @@ def test_the_v2_held_out_split_is_evaluated_on_request(tmp_path, capsys):
                      "--json"])
     results = json.loads(capsys.readouterr().out)
     assert all(math.isfinite(v) for r in results.values() for v in r.values())
+
+
+def test_a_loss_of_zero_scores_log_eps_not_minus_infinity(monkeypatch):
+    """A task trained to a loss of exactly 0 (a separable set) keeps the log means finite."""
+    scores = iter([{"train_loss": 0.0, "val_loss": 0.5}, {"train_loss": 0.1, "val_loss": 0.0}] * 2)
+    monkeypatch.setattr(evaluation, "train_and_score", lambda config, build, steps: next(scores))
+    results = evaluation.evaluate(None, tasks=2, steps=3, seed=1)
+    for r in results.values():
+        assert r["log_train_loss"] == pytest.approx((math.log(evaluation.LOG_EPS) + math.log(0.1 + evaluation.LOG_EPS)) / 2)
+        assert math.isfinite(r["log_val_loss"])
