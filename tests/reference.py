@@ -282,10 +282,12 @@ def learned_update(
     component, in a batch of spaces), with v̂ after this step's update. G = g·s, with s = 1 where
     ``snr_gate`` κ is 0; else, per element,
 
-        s = ρ² / (ρ² + κ²),  ρ = |m̂| / (sqrt(v̂ + floor) + eps),  m̂ = m / (1 - d^t)
+        s = q / (q + κ²),  ρ = |m̂| / (sqrt(v̂ + floor) + eps),  m̂ = m / (1 - d^t)
 
     m the last momentum (decay d, the last of ``momentum_decays``), t the step count after this
-    update (at least 1).
+    update (at least 1); q = ρ² without ``snr_margin``; with a margin K,
+    q = max(ρ² - K·n, 0) / (1 - n), n = Σ w_i² the sum of the squared weights that m̂ gives the
+    t gradients it has seen (w_i = (1 - d)·d^(t - i) / (1 - d^t)), and q = 0 at step 1.
     """
     cfg = rule.config
     f = cfg.features
@@ -346,7 +348,15 @@ def learned_update(
             state = new_states[ti]
             m_hat = state["momenta"][-1] / (1 - f.momentum_decays[-1] ** state["step"].clamp(min=1))
             rho = m_hat.abs() / (roots[ti] + f.eps)
-            gate = gate * rho.square() / (rho.square() + kappa**2)
+            q = rho.square()
+            margin = getattr(cfg, "snr_margin", 0.0)
+            if margin:
+                t = max(int(state["step"]), 1)
+                decay = f.momentum_decays[-1]
+                w = (1 - decay) * decay ** torch.arange(t, dtype=torch.float64) / (1 - decay**t)
+                n = float(w.square().sum())
+                q = (q - margin * n).clamp(min=0) / (1 - n) if t > 1 else torch.zeros_like(q)
+            gate = gate * q / (q + kappa**2)
         step = (u + gate * bound * torch.tanh(beta * d / bound)) * torch.exp(gate * torch.clamp(gamma * c, -limit, limit))
         rate = lr * alpha
         new_params.append(p - rate * wd * p - rate * step)

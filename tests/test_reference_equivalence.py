@@ -113,6 +113,14 @@ def _cases() -> dict[str, Case]:
         lambda: _labelled("cnn_flatten"), {"gate_floor": 0.3, "snr_gate": 0.5}, nonfinite=2
     )
     cases["snr-gated-every_relation"] = Case(every_relation_spec, {"pooled_last": False, "gate_floor": 0.5, "snr_gate": 0.5})
+    # the factor's margin, which takes noise's share out of ρ² (so that it is 0 at step 1)
+    cases["snr-margin-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "snr_gate": 0.5, "snr_margin": 1.0})
+    cases["snr-margin-gated-signs-mlp2_tanh"] = Case(
+        lambda: _signs("mlp2_tanh"), {"sign_flips": True, "gate_floor": 0.05, "snr_gate": 0.3, "snr_margin": 0.5}
+    )
+    cases["snr-margin-nan-independent-mlp2_tanh"] = Case(
+        lambda: _independent("mlp2_tanh"), {"snr_gate": 0.25, "snr_margin": 0.5}, nonfinite=1
+    )
     # the momentum the factor reads is the last of the decays, here not the slowest nor Adam's
     cases["snr-decays-random0"] = Case(
         lambda: random_spec(0), {"features": {"momentum_decays": (0.95, 0.5), "adam_momentum": 0}, "snr_gate": 0.5}

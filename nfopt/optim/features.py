@@ -104,10 +104,28 @@ def bias_corrections(step: torch.Tensor, cfg: FeatureConfig) -> tuple[torch.Tens
     return 1 - cfg.momentum_decays[cfg.adam_momentum] ** t, 1 - cfg.beta2**t
 
 
-def snr_bias_correction(step: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """1 - d^t of the last momentum's decay d (the slowest by default, 0.99), which the rule's
-    signal-to-noise gate reads, of each member (B,) at its step t (at least 1)."""
-    return 1 - cfg.momentum_decays[-1] ** step.clamp(min=1)
+def snr_scales(step: torch.Tensor, cfg: FeatureConfig, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per member (B,), the factor c and the offset b of the signal-to-noise gate's
+    q = max((c·m / (sqrt(v̂ + ε) + eps))² - b, 0) at step t (at least 1), m the last momentum (of decay
+    d, the slowest: 0.99 by default).
+
+    Without a ``margin`` (0), c = 1/(1 - d^t) (m bias-corrected) and b = 0: q = ρ². With a margin
+    K > 0, q = (ρ² - K·n_t)/(1 - n_t), where n_t = (1 - d)(1 + d^t) / ((1 + d)(1 - d^t)) is the
+    share of ρ² that pure noise gives after t steps (1 at step 1, (1 - d)/(1 + d) in the long run):
+    q estimates the gradient's signal fraction μ²/(μ² + σ²), and with K > 1 it is 0 unless the
+    evidence for a signal is K times the noise's. At step 1 (n_t = 1: one gradient cannot tell
+    signal from noise) c = b = 0."""
+    d = cfg.momentum_decays[-1]
+    t = step.clamp(min=1)
+    bc = 1 - d**t
+    if not margin:
+        return 1 / bc, torch.zeros_like(bc)
+    signal = 2 * d * (1 - d ** (t - 1)) / ((1 + d) * bc)  # 1 - n_t, exactly 0 at step 1
+    first = signal <= 0
+    signal = torch.where(first, torch.ones_like(signal), signal)
+    c = torch.where(first, torch.zeros_like(bc), 1 / (bc * torch.sqrt(signal)))
+    b = torch.where(first, torch.zeros_like(bc), margin * (1 - signal) / signal)
+    return c, b
 
 
 def adam_direction(state: dict[str, torch.Tensor], cfg: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..nn.layer import Terms
 from ..nn.plan import Bucket
-from .features import SQRT_FLOOR, bias_corrections, context, snr_bias_correction
+from .features import SQRT_FLOOR, bias_corrections, context, snr_scales
 
 SOURCE = Path(__file__).with_name("fused_step.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared") + (
@@ -391,7 +391,7 @@ class FusedPasses:
         return code
 
     def first_pass(self, dims: Sequence[tuple[int, ...]], member: torch.Tensor) -> bool:
-        """Pass 0 with the members' scalars ``member`` (B, 7): the features' inverse RMS and the
+        """Pass 0 with the members' scalars ``member`` (B, 8): the features' inverse RMS and the
         means over ``dims`` of the features scaled by it; False where a gradient held a
         non-finite value (see ``finite``)."""
         ws = self._ws
@@ -452,7 +452,8 @@ class FusedStep:
         self.passes = list(passes)
         first = self.passes[0]
         self._cfg, self._alpha, dtype = first.rule.config.features, first.scalars[0], first._ws.dtype
-        self._snr = bool(first.rule.config.snr_gate)
+        config = first.rule.config
+        self._snr = config.snr_margin if config.snr_gate else None  # the gate's margin, None without it
         self._counters = [st["step"] for p in self.passes for st in p.states]
         self._before = torch.stack(self._counters)
         self._sizes = [len(p.states) for p in self.passes]
@@ -461,15 +462,15 @@ class FusedStep:
         self._member = self._table(torch.ones(len(self._counters), dtype=dtype))
 
     def _table(self, ok: torch.Tensor) -> torch.Tensor:
-        """The loop's per-member scalars (N, 7): flag, bias corrections, rate, weight decay, the
+        """The loop's per-member scalars (N, 8): flag, bias corrections, rate, weight decay, the
         gate's F·ref (set after pass 0, see :meth:`FusedPasses.set_gate`) and, with the
-        signal-to-noise gate, the bias correction of the momentum it reads (else 0)."""
+        signal-to-noise gate, the factor and offset of its q (else 0, 0)."""
         self.ok, self.step = ok, self._before + ok
         bc1, bc2 = bias_corrections(self.step, self._cfg)
         lr, wd = self._rates
         zero = torch.zeros_like(ok)
-        bcs = snr_bias_correction(self.step, self._cfg) if self._snr else zero
-        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd, zero, bcs], 1).to(torch.float64)
+        c, b = (zero, zero) if self._snr is None else snr_scales(self.step, self._cfg, self._snr)
+        return torch.stack([ok, bc1, bc2, (lr * ok) * self._alpha, wd, zero, c, b], 1).to(torch.float64)
 
     def statistics(self, dims: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[KnownMeans, torch.Tensor, None]]:
         """Every bucket's pass 0 (``dims[b]``: the means bucket b's first layer needs): its means

@@ -95,8 +95,8 @@ typedef struct {
     int64_t width[MAX_LAYERS + 1];
     REAL **p, **g, **m, **v;  /* per member */
     const double *member;     /* per member: ok, bc1, bc2, rate (lr * ok * alpha), weight decay,
-                                 the gate's F·ref (set after pass 0), the last momentum's bias
-                                 correction (with the signal-to-noise gate) */
+                                 the gate's F·ref (set after pass 0), the factor c and offset b of
+                                 the signal-to-noise gate's q (with that gate) */
     double rates[MAX_MOMENTA];  /* 1 - decay, per momentum */
     double v_rate, eps, sqrt_floor, rms_eps, beta_over_bound, gamma, bound, limit;
     double snr;               /* κ² of the signal-to-noise gate s = ρ² / (ρ² + κ²); 0 without it */
@@ -603,7 +603,7 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
         stride *= s->n[d];
     }
     const int64_t b = at[0] = rest;
-    const double *mem = s->member + 7 * b;
+    const double *mem = s->member + 8 * b;
     const int ok = mem[0] != 0;
     const REAL bc1 = (REAL)mem[1], bc2 = (REAL)mem[2], rate = (REAL)mem[3], wd = (REAL)mem[4];
     const REAL inv_bc1 = (REAL)1 / bc1, inv_bc2 = (REAL)1 / bc2; /* products, not quotients, per element */
@@ -611,10 +611,10 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
     const int gated = s->gate != 0, gate_sums = gated && s->mode == 0 && s->flips; /* else from sumsq */
     const REAL root0 = SQRT(fl); /* sqrt(v̂ + ε) where v̂ = 0, rounded alike */
     const REAL floor_ref = (REAL)mem[5] > REAL_TINY ? (REAL)mem[5] : REAL_TINY; /* > 0 where F·ref underflows */
-    /* the signal-to-noise gate: ρ = m̂ / (sqrt(v̂ + ε) + eps) of the last momentum, s = ρ² / (ρ² + κ²),
-       κ² at least the smallest normal number (never 0/0) */
+    /* the signal-to-noise gate: ρ = c·m / (sqrt(v̂ + ε) + eps) of the last momentum, q = max(ρ² - b, 0),
+       s = q / (q + κ²), κ² at least the smallest normal number (never 0/0) */
     const int snr = s->snr > 0 && last;
-    const REAL kappa2 = (REAL)s->snr > REAL_TINY ? (REAL)s->snr : REAL_TINY, inv_bcs = snr ? (REAL)1 / (REAL)mem[6] : 0;
+    const REAL kappa2 = (REAL)s->snr > REAL_TINY ? (REAL)s->snr : REAL_TINY, snr_c = (REAL)mem[6], snr_b = (REAL)mem[7];
     Block gate;
     REAL *P = s->p[b] + q, *G = s->g[b] + q, *Mm = s->m[b] + q, *V = s->v[b] + q;
     int32_t index[BLOCK];
@@ -674,10 +674,10 @@ static void row(const Pass *s, Partial *part, Scratch *w, int64_t r, int64_t thr
                 const REAL e = x[root][k] - root0;
                 gate[k] = e / (e + floor_ref);
             }
-        if (snr) /* per element: 2 multiplies, 2 adds, 2 divides (and 1 multiply with the floor's gate) */
+        if (snr) /* per element: 2 multiplies, 3 adds, 2 divides, 1 max (and 1 multiply with the floor's gate) */
             for (int64_t k = 0; k < BLOCK; k++) {
-                const REAL rho = x[1 + M][k] * inv_bcs / (x[root][k] + eps), rho2 = rho * rho;
-                const REAL f = rho2 / (rho2 + kappa2);
+                const REAL rho = x[1 + M][k] * snr_c / (x[root][k] + eps), excess = rho * rho - snr_b;
+                const REAL q = excess > 0 ? excess : 0, f = q / (q + kappa2);
                 gate[k] = gated ? gate[k] * f : f;
             }
         if (s->flips)

@@ -25,15 +25,25 @@ to within that fraction.
 s is a second per-element factor, from the gradient's signal-to-noise ratio (``snr_gate`` κ;
 without one, κ = 0, s = 1):
 
-    s = ρ² / (ρ² + κ²),   ρ = |m̂| / (sqrt(v̂ + ε) + eps)
+    s = q / (q + κ²),   q = ρ²,   ρ = |m̂| / (sqrt(v̂ + ε) + eps)
 
 with m̂ the last momentum (of ``momentum_decays[-1]``, the slowest: 0.99 by default)
 bias-corrected, v̂ and ε as above and eps Adam's. Under gradients that are pure noise the slow
 momentum averages them away (ρ ≈ sqrt((1 - d)/(1 + d)) ≈ 0.07 for d = 0.99), so with κ ≈ 0.25 the
 learned part is damped about 13-fold and the step is nearly Adam's; under a consistent gradient
-ρ → 1 and s → 1/(1 + κ²). At step 1, ρ = 1 for any gradient. ρ² is a square (no |·| to
-differentiate) and 0 where m is, so s = 0 where the gradient history is zero, with finite
-derivatives; ρ does not change under permutations or sign flips of the weights. This module is the functional core
+ρ → 1 and s → 1/(1 + κ²). But at step t the momentum has averaged only about t gradients: at step 1
+ρ = 1 for any gradient, and noise's ρ² is n_t = (1 - d)(1 + d^t)/((1 + d)(1 - d^t)) on average
+(about 1/t early on), so that the first tens of steps of pure noise pass the learned part nearly
+whole. A margin K (``snr_margin``) takes the noise's share out:
+
+    q = max(ρ² - K·n_t, 0) / (1 - n_t)
+
+an estimate of the gradient's signal fraction μ²/(μ² + σ²) (with K = 1, unbiased where ρ² is),
+0 at step 1 (n_1 = 1) and, for K > 1, 0 unless ρ² exceeds K times what noise gives: under pure
+noise ρ²/n_t is about χ² with one degree of freedom, above 8 for one element-step in 200. A
+consistent gradient (ρ² = 1) opens the gate once n_t < 1/K. q is 0 where m is, so s = 0 where the
+gradient history is zero, with finite derivatives; ρ does not change under permutations or sign
+flips of the weights. This module is the functional core
 shared by :class:`~nfopt.optim.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
 
@@ -56,7 +66,7 @@ import torch
 from torch import nn
 
 from .features import (
-    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, snr_bias_correction,
+    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, snr_scales,
     stack_features, update_statistics,
 )
 from ..weight_space import MonomialSpec, WeightSpaceSpec
@@ -90,7 +100,8 @@ class UpdateConfig:
     max_log_scale: float = 2.0
     sign_flips: bool = False  # equivariant to sign flips of hidden neurons that admit them (tanh)
     gate_floor: float = 0.0  # > 0: the learned part gated per element by g = r/(r + gate_floor) (see above)
-    snr_gate: float = 0.0  # κ > 0: the gate times s = ρ²/(ρ² + κ²), ρ the gradient's signal-to-noise ratio (see above)
+    snr_gate: float = 0.0  # κ > 0: the gate times s = q/(q + κ²), q = ρ², ρ the gradient's signal-to-noise ratio (see above)
+    snr_margin: float = 0.0  # K > 0: q = (ρ² - K·n_t)/(1 - n_t), less the noise's share n_t of ρ² (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
@@ -100,18 +111,20 @@ class UpdateConfig:
                 f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
                 f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
-        for name in ("gate_floor", "snr_gate"):
+        for name in ("gate_floor", "snr_gate", "snr_margin"):
             value = float(getattr(self, name))
             object.__setattr__(self, name, value)
             if not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be finite and at least 0, got {value}")
+        if self.snr_margin and not self.snr_gate:
+            raise ValueError(f"snr_margin {self.snr_margin} needs a signal-to-noise gate (snr_gate > 0)")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; without ``gate_floor`` or ``snr_gate`` where it is 0 (that factor
-        of the gate off), so that a rule without it is written, and fingerprinted, as it was before
+        """The fields as a dict; without ``gate_floor``, ``snr_gate`` or ``snr_margin`` where it is 0
+        (that part of the gate off), so that a rule without it is written, and fingerprinted, as it was before
         the option existed (and earlier nfopt versions still read its files)."""
         d = asdict(self)
-        for name in ("gate_floor", "snr_gate"):
+        for name in ("gate_floor", "snr_gate", "snr_margin"):
             if not d[name]:
                 del d[name]
         return d
@@ -309,8 +322,8 @@ class LearnedUpdate(nn.Module):
         gate = None if floor is None else _gate(root_v, floor)
         kappa = self.config.snr_gate
         if kappa:
-            bc = snr_bias_correction(step, self.config.features)
-            s = _snr(momenta[:, -1], bc, root_v, kappa, self.config.features.eps)
+            c, b = snr_scales(step, self.config.features, self.config.snr_margin)
+            s = _snr(momenta[:, -1], c, b, root_v, kappa, self.config.features.eps)
             gate = s if gate is None else gate * s
         return gate
 
@@ -593,14 +606,17 @@ def _gate(root_v: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return e / (e + per_member(floor, e))
 
 
-def _snr(momentum: torch.Tensor, bc: torch.Tensor, root_v: torch.Tensor, kappa: float, eps: float) -> torch.Tensor:
-    """The signal-to-noise factor s = ρ²/(ρ² + κ²) (B, *shape) of the gate, ρ = m̂/(sqrt(v̂ + ε) +
-    eps) with m̂ = m/bc the last momentum ``momentum`` (B, *shape) bias-corrected by ``bc`` (B,).
-    ρ² is a square, so it has a derivative everywhere, and 0 where m is (then s = 0); κ² is kept
-    at least the dtype's smallest normal number, so that s is never 0/0."""
-    rho = momentum / per_member(bc, momentum) / (root_v + eps)
-    rho2 = rho * rho
-    return rho2 / (rho2 + max(kappa * kappa, torch.finfo(rho.dtype).tiny))
+def _snr(
+    momentum: torch.Tensor, c: torch.Tensor, b: torch.Tensor, root_v: torch.Tensor, kappa: float, eps: float
+) -> torch.Tensor:
+    """The signal-to-noise factor s = q/(q + κ²) (B, *shape) of the gate, q = max(ρ² - b, 0) with
+    ρ = c·m/(sqrt(v̂ + ε) + eps), from the last momentum ``momentum`` (B, *shape) and the members'
+    c and b (B,) of :func:`~nfopt.optim.features.snr_scales`. ρ² is a square, so q has a
+    derivative everywhere but at ρ² = b > 0, and is 0 where m is (then s = 0); κ² is kept at least
+    the dtype's smallest normal number, so that s is never 0/0."""
+    rho = momentum * per_member(c, momentum) / (root_v + eps)
+    q = torch.relu(rho * rho - per_member(b, momentum))
+    return q / (q + max(kappa * kappa, torch.finfo(rho.dtype).tiny))
 
 
 @lru_cache(maxsize=256)
