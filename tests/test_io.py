@@ -500,7 +500,9 @@ def test_rule_files_with_the_old_content_key_load(tmp_path):
     assert_same_rule(load_rule(path), rule)
 
 
-@pytest.mark.parametrize("gates", [{"gate_floor": 0.25}, {"snr_gate": 0.5}, {"gate_floor": 0.25, "snr_gate": 0.5}])
+@pytest.mark.parametrize(
+    "gates", [{"gate_floor": 0.25}, {"snr_gate": 0.5}, {"gate_floor": 0.25, "snr_gate": 0.5}, {"snr_gate": 0.5, "snr_margin": 8.0}]
+)
 def test_a_gated_rule_round_trips(tmp_path, gates):
     path = tmp_path / "gated.nfopt"
     rule = save_fresh(path, **gates)
@@ -515,11 +517,11 @@ def test_rules_without_a_gate_are_written_and_read_as_before_it_existed(tmp_path
     without it, as every earlier file has, loads as a rule without the gate."""
     path = tmp_path / "plain.nfopt"
     rule = save_fresh(path, hidden_channels=5)
-    assert not {"gate_floor", "snr_gate"} & set(read_metadata(path)["config"])
+    assert not {"gate_floor", "snr_gate", "snr_margin"} & set(read_metadata(path)["config"])
     rewrite(path, mutate_meta=lambda m: m["config"].pop("gate_floor", None))
     back = load_rule(path)
     assert_same_rule(back, rule)
-    assert back.config.gate_floor == 0.0 and back.config.snr_gate == 0.0
+    assert back.config.gate_floor == 0.0 and back.config.snr_gate == 0.0 and back.config.snr_margin == 0.0
     earlier = ROOT / "benchmarks" / "checkpoints" / "pooled_last.nfopt"
     assert "gate_floor" not in read_metadata(earlier)["config"]
     assert load_rule(earlier).config.gate_floor == 0.0

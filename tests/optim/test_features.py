@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nfopt.optim.features import FeatureConfig, adam_direction, features, init_state, inverse_rms, update_statistics
+from nfopt.optim.features import (
+    FeatureConfig, adam_direction, features, init_state, inverse_rms, snr_scales, update_statistics,
+)
 
 CFG = FeatureConfig()
 
@@ -142,3 +144,24 @@ def test_bad_config(kwargs, match):
 def test_config_round_trips():
     cfg = FeatureConfig(momentum_decays=(0.9, 0.99), adam_momentum=0)
     assert FeatureConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("margin", [0.5, 1.0, 8.0])
+def test_snr_scales_take_out_the_share_of_rho_squared_that_pure_noise_gives(margin: float) -> None:
+    """The signal-to-noise gate's q = (c·m/σ)² - b, for the slow momentum m of gradients that
+    are pure noise of variance σ², has expectation (1 - K)·n_t/(1 - n_t), n_t = Σ w_i² the squared
+    weights the bias-corrected momentum gives the t gradients (0 for K = 1: q is unbiased); and for a
+    constant gradient (m bias-corrected = g, ρ = 1) q = (1 - K·n_t)/(1 - n_t). At step 1 c = b = 0.
+    Without a margin, c is the bias correction's inverse and b = 0."""
+    d = CFG.momentum_decays[-1]
+    steps = torch.arange(1, 200, dtype=torch.float64)
+    c, b = snr_scales(steps, CFG, margin)
+    assert c[0] == 0 and b[0] == 0
+    for t, ct, bt in zip(steps[1:].tolist(), c[1:].tolist(), b[1:].tolist()):
+        raw = (1 - d) * d ** torch.arange(int(t), dtype=torch.float64)  # the raw momentum's weights
+        n = float((raw / (1 - d**t)).square().sum())
+        noise = ct**2 * float(raw.square().sum()) - bt  # E[(c·m)²] - b at σ = 1
+        assert noise == pytest.approx((1 - margin) * n / (1 - n), rel=1e-9, abs=1e-12), t
+        assert (ct * (1 - d**t)) ** 2 - bt == pytest.approx((1 - margin * n) / (1 - n), rel=1e-9, abs=1e-12), t
+    c, b = snr_scales(steps, CFG, 0.0)
+    assert torch.allclose(c, 1 / (1 - d**steps), rtol=1e-15) and (b == 0).all()

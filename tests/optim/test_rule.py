@@ -4,6 +4,8 @@ Its checkpoint files are tested with the rest of checkpoint IO, in ``tests/test_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -51,18 +53,22 @@ def test_meta_gradient_reaches_every_weight():
 def test_bad_config():
     with pytest.raises(ValueError, match="positive"):
         UpdateConfig(alpha=0.0)
-    for name in ("gate_floor", "snr_gate"):
+    for name in ("gate_floor", "snr_gate", "snr_margin"):
         for bad in (-0.1, float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"{name} must be finite and at least 0"):
-                UpdateConfig(**{name: bad})
+                UpdateConfig(**{name: bad, "snr_gate": 0.5} if name == "snr_margin" else {name: bad})
+    with pytest.raises(ValueError, match="snr_margin 8.0 needs a signal-to-noise gate"):
+        UpdateConfig(snr_margin=8.0)
 
 
 def test_gate_fields_are_left_out_of_the_dict_where_off():
     """A rule without a gate writes (and fingerprints) the config it wrote before the options existed."""
-    assert not {"gate_floor", "snr_gate"} & set(UpdateConfig().to_dict())
-    d = UpdateConfig(gate_floor=0.1, snr_gate=0.5).to_dict()
-    assert (d["gate_floor"], d["snr_gate"]) == (0.1, 0.5)
-    assert UpdateConfig(**UpdateConfig(snr_gate=0.5).to_dict()) == UpdateConfig(snr_gate=0.5)
+    assert not {"gate_floor", "snr_gate", "snr_margin"} & set(UpdateConfig().to_dict())
+    assert "snr_margin" not in UpdateConfig(snr_gate=0.5).to_dict()
+    d = UpdateConfig(gate_floor=0.1, snr_gate=0.5, snr_margin=8.0).to_dict()
+    assert (d["gate_floor"], d["snr_gate"], d["snr_margin"]) == (0.1, 0.5, 8.0)
+    for config in (UpdateConfig(snr_gate=0.5), UpdateConfig(snr_gate=0.5, snr_margin=8.0)):
+        assert UpdateConfig(**config.to_dict()) == config
 
 
 def test_a_step_strays_from_adam_by_a_bounded_amount():
@@ -180,11 +186,13 @@ def test_a_batch_of_weight_spaces_steps_each_as_alone(gate_floor: float) -> None
 # ---- the gate on the learned part (UpdateConfig.gate_floor) -----------------------------------------
 
 
-def _gated_rule(gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64, snr_gate: float = 0.0) -> LearnedUpdate:
+def _gated_rule(
+    gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64, snr_gate: float = 0.0, snr_margin: float = 0.0
+) -> LearnedUpdate:
     """A rule of the default shape with every weight random (the NFN is far from Adam)."""
     from ..test_reference_equivalence import random_rule
 
-    return random_rule(seed, gate_floor=gate_floor, snr_gate=snr_gate).to(dtype)
+    return random_rule(seed, gate_floor=gate_floor, snr_gate=snr_gate, snr_margin=snr_margin).to(dtype)
 
 
 def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
@@ -204,14 +212,16 @@ def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
     return before, params
 
 
-@pytest.mark.parametrize("floor,snr", [(0.1, 0.0), (1e-50, 0.0), (0.0, 0.5), (1e-50, 1e-30)])
+@pytest.mark.parametrize(
+    "floor,snr,margin", [(0.1, 0.0, 0.0), (1e-50, 0.0, 0.0), (0.0, 0.5, 0.0), (1e-50, 1e-30, 0.0), (0.0, 0.5, 1.0)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor, snr):
+def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor, snr, margin):
     """Whatever the NFN's weights: a tensor with no gradient yet, and the elements of another
     with none, keep their values to the bit while the rest move, with either gate (also with a
-    floor so small that F·ref underflows, and κ² below the smallest normal number); without a
-    gate they move."""
-    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype, snr_gate=snr), dtype)
+    floor so small that F·ref underflows, κ² below the smallest normal number, and the
+    signal-to-noise gate's margin); without a gate they move."""
+    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype, snr_gate=snr, snr_margin=margin), dtype)
     assert torch.equal(after[1], before[1]) and torch.equal(after[2][0], before[2][0])
     assert (after[2][1:] != before[2][1:]).all() and (after[0] != before[0]).all()
     before, after = _zero_history_run(_gated_rule(0.0, dtype=dtype), dtype)
@@ -285,6 +295,54 @@ def test_the_signal_to_noise_gate_damps_the_learned_part_under_pure_noise():
     for floor in (0.0, 0.1):
         assert _noise_growth(_gated_rule(floor, snr_gate=0.5)) < 0.2 * free, floor
     assert _noise_growth(_gated_rule(0.1)) > 0.5 * free
+
+
+def _adam_gaps(rule: LearnedUpdate, grads: Callable[[int], list[torch.Tensor]], steps: int) -> list[float]:
+    """Per step, the largest |Δ - Δ_adam| / α over an MLP's space, Δ_adam torch's Adam's step (lr =
+    the rule's α, its betas and eps) from the same parameters and gradients ``grads(step)``."""
+    f = rule.config.features
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(7)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    states = [init_state(p, f) for p in params]
+    alpha = rule.scalars()[0].item()
+    twins = [p.clone().requires_grad_() for p in params]
+    adam = torch.optim.Adam(twins, lr=alpha, betas=(f.momentum_decays[f.adam_momentum], f.beta2), eps=f.eps)
+    gaps = []
+    with torch.no_grad():
+        for t in range(steps):
+            gs = grads(t)
+            params, states, _ = rule(spec, params, gs, states)
+            for twin, grad in zip(twins, gs):
+                twin.grad = grad
+            adam.step()
+            gaps.append(max(float((p - q).abs().max()) for p, q in zip(params, twins)) / alpha)
+            for p, twin in zip(params, twins):
+                twin.copy_(p)
+    return gaps
+
+
+def test_the_margin_holds_the_learned_part_back_until_noise_could_not_explain_a_gradient():
+    """With margin K = 8 and an NFN far from Adam: while pure noise's share n_t of ρ² is at least
+    1/K (steps 1 to 8), even a gradient that never changes gets Adam's step exactly (to rounding);
+    from step 9 it gets the learned part. Without the margin, it gets it from step 1."""
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(8)
+    constant = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    gaps = _adam_gaps(_gated_rule(0.0, snr_gate=0.5, snr_margin=8.0), lambda t: constant, 10)
+    assert max(gaps[:8]) < 1e-9 and min(gaps[8:]) > 1e-2, gaps
+    assert min(_adam_gaps(_gated_rule(0.0, snr_gate=0.5), lambda t: constant, 10)) > 1e-2
+
+
+def test_the_margin_keeps_the_first_steps_of_pure_noise_nearly_adams():
+    """Over the first 30 steps of pure-noise gradients, the rule with margin K = 8 steps within
+    1% of α of Adam's step, where without the margin its learned part moves elements by a
+    sizeable fraction of α (noise's ρ² is about 1/t, so it passes the gate early on)."""
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(9)
+    noise = lambda t: [torch.randn(s.shape, generator=g, dtype=torch.float64) for s in spec.tensors]  # noqa: E731
+    assert max(_adam_gaps(_gated_rule(0.0, snr_gate=0.5, snr_margin=8.0), noise, 30)) < 1e-2
+    assert max(_adam_gaps(_gated_rule(0.0, snr_gate=0.5), noise, 30)) > 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
