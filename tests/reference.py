@@ -73,14 +73,30 @@ def adam_direction(
     return m_hat / (root_v + eps), root_v
 
 
+def polar(m: Tensor, eps: float) -> Tensor:
+    """Five steps of Muon's quintic Newton-Schulz iteration X ← 3.4445·X - 4.7750·(XXᵀ)X +
+    2.0315·(XXᵀ)²X from X = M/sqrt(‖M‖_F² + eps), M the tensor read as a matrix of its first
+    dimension by the rest (a vector as a column, a scalar as 1x1), iterated on the wide side."""
+    x = m.reshape(m.shape[0] if m.dim() else 1, -1)
+    x = x / torch.sqrt(x.square().sum() + eps)
+    wide = x.shape[0] <= x.shape[1]
+    for _ in range(5):
+        if wide:
+            x = 3.4445 * x - 4.7750 * (x @ x.T) @ x + 2.0315 * (x @ x.T) @ (x @ x.T) @ x
+        else:
+            x = 3.4445 * x - 4.7750 * x @ (x.T @ x) + 2.0315 * x @ (x.T @ x) @ (x.T @ x)
+    return x.reshape(m.shape)
+
+
 def features(
     p: Tensor, g: Tensor, state: Statistics, u: Tensor, root_v: Tensor, rms_eps: float,
-    time_scales: Sequence[float],
+    time_scales: Sequence[float], polar_of: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The NFN's input on one tensor: per element, the channels [p, g, m_1..m_k, sqrt(v̂), u], each
-    divided by its RMS over the tensor, sqrt(mean(x²) + rms_eps); and the tensor's context
-    [tanh(t/s) for every time scale s, 0.1·log RMS(p)] (t: the step count after this update)."""
-    channels = [p, g, *state["momenta"], root_v, u]
+    """The NFN's input on one tensor: per element, the channels [p, g, m_1..m_k, sqrt(v̂), u] (with
+    [polar(polar_of, rms_eps)] after the momenta where given), each divided by its RMS over the tensor,
+    sqrt(mean(x²) + rms_eps); and the tensor's context [tanh(t/s) for every time scale s,
+    0.1·log RMS(p)] (t: the step count after this update)."""
+    channels = [p, g, *state["momenta"], *([] if polar_of is None else [polar(polar_of, rms_eps)]), root_v, u]
     rms = [torch.sqrt(c.square().mean() + rms_eps) for c in channels]
     x = torch.stack([c / r for c, r in zip(channels, rms)])
     # The "log-RMS of the parameter" enters scaled by 0.1 (the library writes it as -0.1·log(1/RMS)).
@@ -307,7 +323,8 @@ def learned_update(
             # such a tensor's features are zeros; its code does this.
             g = torch.zeros_like(g)
         u, root_v = adam_direction(state, f.adam_momentum, f.momentum_decays, f.beta2, f.eps)
-        x, ctx = features(p, g, state, u, root_v, f.rms_eps, f.time_scales)
+        polar_of = state["momenta"][f.adam_momentum] if getattr(f, "polar", False) else None
+        x, ctx = features(p, g, state, u, root_v, f.rms_eps, f.time_scales, polar_of)
         if group.flips(ti):
             # Every channel flips with the weights except sqrt(v̂); times sign(u) it does too. The
             # RMS that normalises it was taken before, which differs only where u = 0.

@@ -121,6 +121,12 @@ def _cases() -> dict[str, Case]:
     cases["snr-margin-nan-independent-mlp2_tanh"] = Case(
         lambda: _independent("mlp2_tanh"), {"snr_gate": 0.25, "snr_margin": 0.5}, nonfinite=1
     )
+    # the polar factor of Adam's momentum as one more input channel
+    cases["polar-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "features": {"polar": True}})
+    cases["polar-signs-mlp2_tanh"] = Case(lambda: _signs("mlp2_tanh"), {"sign_flips": True, "features": {"polar": True}})
+    cases["polar-gated-every_relation"] = Case(
+        every_relation_spec, {"pooled_last": False, "gate_floor": 0.5, "snr_gate": 0.5, "features": {"polar": True}}
+    )
     # the momentum the factor reads is the last of the decays, here not the slowest nor Adam's
     cases["snr-decays-random0"] = Case(
         lambda: random_spec(0), {"features": {"momentum_decays": (0.95, 0.5), "adam_momentum": 0}, "snr_gate": 0.5}
@@ -332,9 +338,10 @@ def test_the_in_place_step_matches_the_reference(name: str, path: str, monkeypat
         for k in ("momenta", "v", "step"):
             assert_close(s[k], e[k], f"{k} {i}")
     assert [bool(o) for o in oks] == [bool(o) for o in expected_oks]
-    if use_loop and fused_module.library(torch.float64) is not None:
+    loops = use_loop and not rule.config.features.polar  # the loop does not compute the polar factor
+    if loops and fused_module.library(torch.float64) is not None:
         assert looped, "no bucket took the compiled loop"
-    elif not use_loop:
+    elif not loops:
         assert not looped
 
 

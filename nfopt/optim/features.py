@@ -27,6 +27,7 @@ class FeatureConfig:
     eps: float = 1e-8  # Adam's epsilon
     rms_eps: float = 1e-16  # inside the square root of the per-tensor RMS
     time_scales: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
+    polar: bool = False  # one more channel: the polar factor of Adam's momentum (see :func:`polar_factor`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "momentum_decays", tuple(float(d) for d in self.momentum_decays))
@@ -42,15 +43,21 @@ class FeatureConfig:
 
     @property
     def channels(self) -> int:
-        """p, g, each momentum, sqrt(v) and Adam's direction."""
-        return len(self.momentum_decays) + 4
+        """p, g, each momentum, (with ``polar``, the polar factor of Adam's momentum,) sqrt(v) and
+        Adam's direction."""
+        return len(self.momentum_decays) + 4 + self.polar
 
     @property
     def context_channels(self) -> int:
         return len(self.time_scales) + 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; without ``polar`` where it is off, so that such a config is written, and
+        fingerprinted, as before the option existed."""
+        d = asdict(self)
+        if not d["polar"]:
+            del d["polar"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureConfig:
@@ -144,12 +151,43 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(torch.linalg.vecdot(flat, flat) / max(flat.shape[2], 1) + eps)
 
 
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+"""The quintic X ← aX + b(XXᵀ)X + c(XXᵀ)²X that Muon iterates: from X = M/‖M‖ it takes every
+singular value into about [0.7, 1.2] in a few steps (fast rather than exact)."""
+
+NEWTON_SCHULZ_STEPS = 5
+
+
+def polar_factor(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """The approximate polar factor UVᵀ (B, *shape) of each member of B same-shape tensors read as
+    matrices (the first dimension by the rest; a vector as one column; a scalar as 1x1), from
+    :data:`NEWTON_SCHULZ_STEPS` steps of :data:`NEWTON_SCHULZ` from M/sqrt(‖M‖² + eps) (``eps``
+    keeps the derivative finite where M = 0). It commutes with permutations and sign flips of
+    rows and columns (P·M·Q ↦ P·UVᵀ·Q), so a rule that reads it stays equivariant; it is 0 where
+    M is."""
+    b = m.shape[0]
+    x = m.reshape(b, m.shape[1] if m.dim() > 1 else m[0].numel(), -1)
+    tall = x.shape[1] > x.shape[2]
+    if tall:
+        x = x.transpose(1, 2)
+    x = x * torch.rsqrt(torch.linalg.vecdot(x.flatten(1), x.flatten(1)) + eps)[:, None, None]
+    a, bb, c = NEWTON_SCHULZ
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.transpose(1, 2)
+        x = a * x + (bb * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.transpose(1, 2)
+    return x.reshape(m.shape)
+
+
 def stack_features(
-    p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor
+    p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], u: torch.Tensor, root_v: torch.Tensor,
+    polar: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The per-element channels (B, C, *shape) of B same-shape tensors: p, g, the momenta,
-    sqrt(v̂) and Adam's direction u."""
-    return torch.cat([p.unsqueeze(1), g.unsqueeze(1), state["momenta"], root_v.unsqueeze(1), u.unsqueeze(1)], 1)
+    """The per-element channels (B, C, *shape) of B same-shape tensors: p, g, the momenta, the
+    polar factor of Adam's momentum where ``polar`` is given, sqrt(v̂) and Adam's direction u."""
+    extra = [] if polar is None else [polar.unsqueeze(1)]
+    return torch.cat([p.unsqueeze(1), g.unsqueeze(1), state["momenta"], *extra, root_v.unsqueeze(1), u.unsqueeze(1)], 1)
 
 
 def context(step: torch.Tensor, inv: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
@@ -165,6 +203,7 @@ def features(
     """Per-element features (B, C, *shape) of B same-shape tensors, the inverse RMS of each
     member's channels (B, C) that normalises them (the NFN folds it into its first layer's
     weights), and each member's context vector (B, context_channels)."""
-    x = stack_features(p, g, state, u, root_v)
+    polar = polar_factor(state["momenta"][:, cfg.adam_momentum], cfg.rms_eps) if cfg.polar else None
+    x = stack_features(p, g, state, u, root_v, polar)
     inv = inverse_rms(x, cfg.rms_eps)
     return x, inv, context(state["step"], inv, cfg)

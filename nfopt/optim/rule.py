@@ -66,8 +66,8 @@ import torch
 from torch import nn
 
 from .features import (
-    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, snr_scales,
-    stack_features, update_statistics,
+    SQRT_FLOOR, STATISTICS, FeatureConfig, adam_direction, context, features, per_member, polar_factor,
+    snr_scales, stack_features, update_statistics,
 )
 from ..weight_space import MonomialSpec, WeightSpaceSpec
 from ..nn.plan import Bucket, BucketPlan, bucket_plan_for, constant, from_canonical, plan_for, to_canonical
@@ -245,7 +245,8 @@ class LearnedUpdate(nn.Module):
             members = ([params[i] for i in m], [grads[i] for i in m], [states[i] for i in m])
             rates = ([lrs[i] for i in m], [weight_decays[i] for i in m])
             dtype = params[m[0]].dtype
-            entry = fused_library(dtype) if FusedPasses.accepts(bucket, *members, widths, momenta, act) else None
+            looping = not self.config.features.polar and FusedPasses.accepts(bucket, *members, widths, momenta, act)
+            entry = fused_library(dtype) if looping else None
             if entry is not None:
                 if scalars is None:
                     alpha, beta, gamma = self.scalars()
@@ -388,6 +389,7 @@ class _EagerPasses(ChunkPasses):
         self.work: _BucketStep | None = None
         self.floor: torch.Tensor | None = None  # the members' F·ref of the gate, where there is one
         self._stacked = _stacked_members(params, grads, states)
+        self._polar: torch.Tensor | None = None  # the whole polar-factor channel, in chunks (with ``polar``)
 
     @property
     def ok(self) -> torch.Tensor:
@@ -425,12 +427,16 @@ class _EagerPasses(ChunkPasses):
         step = state["step"] + ok
         sumsq = root_sq = None
         gated = bool(self.rule.config.gate_floor)
-        for rows in _row_chunks(self.bucket, CHUNK_ELEMENTS):
+        chunks = _row_chunks(self.bucket, CHUNK_ELEMENTS)
+        for rows in chunks:
             chunk = _rows(state, rows)
             new = update_statistics(_rows_of(g, rows), {"step": state["step"], **chunk}, cfg, ok)
             chunk["momenta"].copy_(new["momenta"])
             chunk["v"].copy_(new["v"])
-            self.work = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
+        self.work = _BucketStep(None, p, g, None, {**state, "step": step}, ok, None, None)
+        if cfg.polar:  # of the whole momentum, which every row's features read
+            self._polar = polar_factor(state["momenta"][:, cfg.adam_momentum], cfg.rms_eps)
+        for rows in chunks:
             x, root_v = self._features_and_root(rows)
             part = torch.linalg.vecdot(*(x.reshape(x.shape[0], x.shape[1], -1),) * 2)
             sumsq = part if sumsq is None else sumsq + part
@@ -451,7 +457,8 @@ class _EagerPasses(ChunkPasses):
         s = self.work
         chunk = {"step": s.state["step"], **_rows(s.state, rows)}
         u, root_v = adam_direction(chunk, self.rule.config.features)
-        x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v)
+        polar = None if self._polar is None else _rows_of(self._polar, rows)
+        x = stack_features(_rows_of(s.p, rows), _rows_of(s.g, rows), chunk, u, root_v, polar)
         if _flips(self.bucket):
             x = _odd_features(x, u)
         return x.reshape(x.shape[0], x.shape[1], x.shape[2], *self.bucket.plan.canonical[1:]), root_v

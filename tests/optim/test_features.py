@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nfopt.optim.features import (
-    FeatureConfig, adam_direction, features, init_state, inverse_rms, snr_scales, update_statistics,
+    FeatureConfig, adam_direction, features, init_state, inverse_rms, polar_factor, snr_scales, update_statistics,
 )
 
 CFG = FeatureConfig()
@@ -165,3 +165,57 @@ def test_snr_scales_take_out_the_share_of_rho_squared_that_pure_noise_gives(marg
         assert (ct * (1 - d**t)) ** 2 - bt == pytest.approx((1 - margin * n) / (1 - n), rel=1e-9, abs=1e-12), t
     c, b = snr_scales(steps, CFG, 0.0)
     assert torch.allclose(c, 1 / (1 - d**steps), rtol=1e-15) and (b == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7), (5, 2, 3, 3), (9,), ()])
+def test_the_polar_factor_keeps_the_singular_vectors_and_evens_out_the_singular_values(shape) -> None:
+    """Each member's polar factor, read as a matrix (first dimension by the rest), has M's
+    singular vectors (Uᵀ·X·V is diagonal to rounding) and singular values within [0.6, 1.25] of 1
+    however spread M's are (here 1e-2 to 1); it is 0 for a zero tensor."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    flat = m.reshape(3, shape[0] if shape else 1, -1)
+    u, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    spread = torch.logspace(-2, 0, u.shape[-1], dtype=torch.float64)
+    m = (u * spread[None, None]) @ vh
+    x = polar_factor(m.reshape(3, *shape), CFG.rms_eps).reshape(flat.shape)
+    core = u.transpose(1, 2) @ x @ vh.transpose(1, 2)
+    diagonal = torch.diagonal(core, dim1=1, dim2=2)
+    assert (core - torch.diag_embed(diagonal)).abs().max() < 1e-9
+    assert diagonal.min() > 0.6 and diagonal.max() < 1.25, diagonal
+    assert (polar_factor(torch.zeros(2, *shape), CFG.rms_eps) == 0).all()
+
+
+def test_the_polar_factor_commutes_with_permutations_and_sign_flips_of_rows_and_columns() -> None:
+    """polar(P·D·M·E·Q) = P·D·polar(M)·E·Q for permutations P, Q and sign flips D, E; the same
+    check on a row-wise normalisation of M (which does not mix rows) passes, and on a
+    column-coupling map that is not equivariant (a cumulative sum over rows) fails."""
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    rows, cols = torch.randperm(5, generator=g), torch.randperm(7, generator=g)
+    d = torch.where(torch.rand(5, 1, generator=g) < 0.5, -1.0, 1.0).double()
+    e = torch.where(torch.rand(1, 7, generator=g) < 0.5, -1.0, 1.0).double()
+    act = lambda t: (d * t * e)[:, rows][:, :, cols]  # noqa: E731
+    for f, equivariant in ((lambda t: polar_factor(t, CFG.rms_eps), True), (lambda t: t.cumsum(1), False)):
+        gap = (f(act(m)) - act(f(m))).abs().max()
+        assert (gap < 1e-10) if equivariant else (gap > 1e-3)
+
+
+def test_the_polar_channel_comes_after_the_momenta_and_is_left_out_of_the_dict_where_off() -> None:
+    """With ``polar`` the features have one more channel, the (RMS-normalised) polar factor of
+    Adam's momentum, between the momenta and sqrt(v̂), so sqrt(v̂) and u stay the last two; a
+    config without it writes the dict it wrote before the option existed."""
+    cfg = FeatureConfig(polar=True)
+    assert cfg.channels == CFG.channels + 1 and "polar" not in CFG.to_dict() and cfg.to_dict()["polar"] is True
+    assert FeatureConfig.from_dict(cfg.to_dict()) == cfg
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(1, 4, 6, generator=g)
+    state = run([torch.randn(4, 6, generator=g) for _ in range(3)], p[0])
+    u, root_v = adam_direction(state, cfg)
+    grad = torch.randn(1, 4, 6, generator=g)
+    x, inv, _ = features(p, grad, state, u, root_v, cfg)
+    plain, _, _ = features(p, grad, state, u, root_v, CFG)
+    k = 2 + len(cfg.momentum_decays)
+    polar = polar_factor(state["momenta"][:, cfg.adam_momentum], cfg.rms_eps)
+    assert torch.allclose(x[:, k], polar) and torch.equal(x[:, k + 1:], plain[:, k:]) and torch.equal(x[:, :k], plain[:, :k])
+    assert torch.allclose(inv[:, k], inverse_rms(polar.unsqueeze(1), cfg.rms_eps)[:, 0])

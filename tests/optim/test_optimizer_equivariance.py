@@ -104,9 +104,14 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [b.reshape(-1) for b in floats])
 
 
-@pytest.mark.parametrize("handed_over,gate_floor", [(False, 0.0), (True, 0.0), (True, 0.3)])
+@pytest.mark.parametrize(
+    "handed_over,gate_floor,polar", [(False, 0.0, False), (True, 0.0, False), (True, 0.3, False), (True, 0.0, True)]
+)
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gate_floor):
+def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gate_floor, polar):
+    """Permuting a model's hidden neurons permutes its trajectory under a rule whose NFN is far
+    from Adam: bare and handed the model, with the gate, and reading the polar factor of the
+    momentum (which commutes with permutations of rows and columns)."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build().double()
@@ -119,9 +124,10 @@ def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gat
     assert (flat(twin) - flat(model)).abs().max() > 1e-3  # the twin really is permuted
 
     def optimizer(m):
+        rule = open_rule(gate_floor=gate_floor, features={"polar": polar})
         if handed_over:
-            return NFNOptimizer.for_model(m, rule=open_rule(gate_floor=gate_floor), example_inputs=(data[0][0],))
-        return NFNOptimizer(m.parameters(), rule=open_rule(gate_floor=gate_floor))
+            return NFNOptimizer.for_model(m, rule=rule, example_inputs=(data[0][0],))
+        return NFNOptimizer(m.parameters(), rule=rule)
 
     train(model, optimizer(model), data)
     train(twin, optimizer(twin), data)
@@ -142,10 +148,11 @@ def test_handing_over_the_model_changes_the_updates():
     assert (flat(a) - flat(b)).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("sign_flips,gate_floor", [(True, 0.0), (False, 0.0), (True, 0.3)])
-def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, gate_floor):
+@pytest.mark.parametrize("sign_flips,gate_floor,polar", [(True, 0.0, False), (False, 0.0, False), (True, 0.3, False), (True, 0.0, True)])
+def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, gate_floor, polar):
     """A rule meta-trained with sign flips, handed a tanh model, commutes with flipping hidden
-    neurons (as Adam does), with the gate too; a permutation-only rule does not, so the check can fail."""
+    neurons (as Adam does), with the gate too, and reading the momentum's polar factor (which
+    flips with the weights); a permutation-only rule does not, so the check can fail."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     data = batches((16, 5), 30)
@@ -155,7 +162,7 @@ def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, ga
     twin = copy.deepcopy(model)
     act_model_(twin, labelling, element)
     for m in (model, twin):
-        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips, gate_floor=gate_floor), example_inputs=(data[0][0],)), data)
+        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips, gate_floor=gate_floor, features={"polar": polar}), example_inputs=(data[0][0],)), data)
     act_model_(model, labelling, element)
     a, b = flat(model), flat(twin)
     error = ((a - b).abs().max() / a.abs().max()).item()
