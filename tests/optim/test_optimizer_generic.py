@@ -381,16 +381,12 @@ NOISE_GROWTH_SLACK = 1.1
 """How much more than Adam's a learned optimizer's parameter norm may grow under pure noise."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped default's signal-to-noise gate damps its learned part only once the slow momentum has "
-    "averaged the noise away (hundreds of steps), and its learned step is a little larger than α: 1000 noise steps "
-    "grow the norm from 4.95 to 5.95 (for_model 5.96), Adam's at α to 5.26",
-)
 @pytest.mark.parametrize("mode", ["bare", "for_model"])
 def test_pure_noise_grows_the_norm_no_more_than_adam(mode: str) -> None:
     """1000 steps of pure-noise gradients: the shipped default's parameter norm grows no more
-    than Adam's (at the rule's learning rate α) does, within 10%."""
+    than Adam's (at the rule's learning rate α) does, within 10% (the margin of its
+    signal-to-noise gate keeps the learned part out of the first steps, where noise looks like
+    signal)."""
     alpha = float(NFNOptimizer(_noise_model().parameters()).rule.scalars()[0])
     start, adam = _norm_under_noise(lambda m: torch.optim.Adam(m.parameters(), lr=alpha))
     build = NFNOptimizer if mode == "bare" else NFNOptimizer.for_model
