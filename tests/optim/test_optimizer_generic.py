@@ -8,13 +8,13 @@ import copy
 import io
 import pickle
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.noise_norm import noise_model, norm_under_noise
 from nfopt import NFNOptimizer
 from nfopt.labelling import label_model
 from nfopt.optim import rule as rule_module
@@ -357,26 +357,6 @@ def test_with_a_gate_tensors_without_gradients_stay_while_the_others_train(fused
     assert moved == {0.1: (False, False), 0.0: (True, True)}
 
 
-def _noise_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-
-
-def _norm_under_noise(make: Callable[[nn.Module], torch.optim.Optimizer], steps: int = 1000) -> tuple[float, float]:
-    """The parameter norm before and after ``steps`` steps whose gradients are pure noise (N(0, 1)
-    elementwise, a fresh draw every step, the same draws for every optimizer)."""
-    model = _noise_model()
-    opt = make(model)
-    g = torch.Generator().manual_seed(1)
-    norm = lambda: float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())  # noqa: E731
-    before = norm()
-    for _ in range(steps):
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-    return before, norm()
-
-
 NOISE_GROWTH_SLACK = 1.1
 """How much more than Adam's a learned optimizer's parameter norm may grow under pure noise."""
 
@@ -387,10 +367,10 @@ def test_pure_noise_grows_the_norm_no_more_than_adam(mode: str) -> None:
     than Adam's (at the rule's learning rate α) does, within 10% (the margin of its
     signal-to-noise gate keeps the learned part out of the first steps, where noise looks like
     signal)."""
-    alpha = float(NFNOptimizer(_noise_model().parameters()).rule.scalars()[0])
-    start, adam = _norm_under_noise(lambda m: torch.optim.Adam(m.parameters(), lr=alpha))
+    alpha = float(NFNOptimizer(noise_model().parameters()).rule.scalars()[0])
+    start, adam, _ = norm_under_noise(lambda m: torch.optim.Adam(m.parameters(), lr=alpha))
     build = NFNOptimizer if mode == "bare" else NFNOptimizer.for_model
-    _, ours = _norm_under_noise(lambda m: build(m.parameters() if mode == "bare" else m))
+    _, ours, _ = norm_under_noise(lambda m: build(m.parameters() if mode == "bare" else m))
     assert ours - start <= NOISE_GROWTH_SLACK * (adam - start), (start, adam, ours)
 
 
