@@ -304,6 +304,12 @@ def learned_update(
     update (at least 1); q = ρ² without ``snr_margin``; with a margin K,
     q = max(ρ² - K·n, 0) / (1 - n), n = Σ w_i² the sum of the squared weights that m̂ gives the
     t gradients it has seen (w_i = (1 - d)·d^(t - i) / (1 - d^t)), and q = 0 at step 1.
+
+    With ``tensor_log_scale`` T > 0, each tensor's rate lr·α (of its step and its weight decay) is
+    multiplied by exp(T·(min(a, 0) + S·max(a, 0))), a = tanh(h(z)), h the rule's ``tensor_head``
+    (Linear, ReLU, Linear), z = [log(RMS(m_k)/(1 - d_k^t)/RMS(sqrt(v̂))) for each momentum, log RMS(u), the
+    tensor's context]; S = 1 where κ is 0, else q/(q + κ²) with q as above but of the RMS over the
+    tensor: ρ = RMS(m̂)/RMS(sqrt(v̂ + floor)). RMS(x) = sqrt(mean(x²) + rms_eps).
     """
     cfg = rule.config
     f = cfg.features
@@ -368,13 +374,48 @@ def learned_update(
             q = rho.square()
             margin = getattr(cfg, "snr_margin", 0.0)
             if margin:
-                t = max(int(state["step"]), 1)
-                decay = f.momentum_decays[-1]
-                w = (1 - decay) * decay ** torch.arange(t, dtype=torch.float64) / (1 - decay**t)
-                n = float(w.square().sum())
-                q = (q - margin * n).clamp(min=0) / (1 - n) if t > 1 else torch.zeros_like(q)
+                q = signal_fraction(q, margin, int(state["step"]), f.momentum_decays[-1])
             gate = gate * q / (q + kappa**2)
         step = (u + gate * bound * torch.tanh(beta * d / bound)) * torch.exp(gate * torch.clamp(gamma * c, -limit, limit))
-        rate = lr * alpha
+        rate = lr * alpha * tensor_factor(rule, new_states[ti], roots[ti], u, contexts[ti])
         new_params.append(p - rate * wd * p - rate * step)
     return new_params, new_states, oks
+
+
+def signal_fraction(q: Tensor, margin: float, step: int, decay: float) -> Tensor:
+    """max(q - K·n, 0) / (1 - n) for the margin K at step t (0 at step 1), n = Σ w_i² the sum of the
+    squared weights (1 - d)·d^(t - i) / (1 - d^t) that the bias-corrected momentum gives the t
+    gradients it has seen."""
+    t = max(step, 1)
+    w = (1 - decay) * decay ** torch.arange(t, dtype=torch.float64) / (1 - decay**t)
+    n = float(w.square().sum())
+    return (q - margin * n).clamp(min=0) / (1 - n) if t > 1 else torch.zeros_like(q)
+
+
+def tensor_factor(rule: nn.Module, state: Statistics, root_v: Tensor, u: Tensor, context: Tensor) -> Tensor | float:
+    """The per-tensor step factor of a rule with ``tensor_log_scale`` (1.0 without)."""
+    cfg = rule.config
+    limit = getattr(cfg, "tensor_log_scale", 0.0)
+    if not limit:
+        return 1.0
+    f = cfg.features
+
+    def rms(x: Tensor) -> Tensor:
+        return torch.sqrt(x.square().mean() + f.rms_eps)
+
+    t = max(int(state["step"]), 1)
+    z = [torch.log(rms(m) / (1 - d**t) / rms(root_v)) for m, d in zip(state["momenta"], f.momentum_decays)]
+    z = torch.stack(z + [torch.log(rms(u))])
+    z = torch.cat([z, context])
+    first, last = rule.tensor_head[0], rule.tensor_head[2]
+    a = torch.tanh(last.weight @ torch.relu(first.weight @ z + first.bias) + last.bias)[0]
+    s = 1.0
+    kappa = getattr(cfg, "snr_gate", 0.0)
+    if kappa:
+        decay = f.momentum_decays[-1]
+        q = (rms(state["momenta"][-1]) / (1 - decay**t) / rms(root_v)).square()
+        margin = getattr(cfg, "snr_margin", 0.0)
+        if margin:
+            q = signal_fraction(q, margin, t, decay)
+        s = q / (q + kappa**2)
+    return torch.exp(limit * (a.clamp(max=0) + s * a.clamp(min=0)))

@@ -28,7 +28,7 @@ from nfopt.io import (
     save_rule,
 )
 from nfopt.optim.optimizer import default_checkpoint_path
-from nfopt.optim.rule import LearnedUpdate, UpdateConfig
+from nfopt.optim.rule import OPTIONAL, LearnedUpdate, UpdateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -501,7 +501,9 @@ def test_rule_files_with_the_old_content_key_load(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "gates", [{"gate_floor": 0.25}, {"snr_gate": 0.5}, {"gate_floor": 0.25, "snr_gate": 0.5}, {"snr_gate": 0.5, "snr_margin": 8.0}]
+    "gates",
+    [{"gate_floor": 0.25}, {"snr_gate": 0.5}, {"gate_floor": 0.25, "snr_gate": 0.5}, {"snr_gate": 0.5, "snr_margin": 8.0},
+     {"snr_gate": 0.5, "tensor_log_scale": 3.0}],
 )
 def test_a_gated_rule_round_trips(tmp_path, gates):
     path = tmp_path / "gated.nfopt"
@@ -517,11 +519,11 @@ def test_rules_without_a_gate_are_written_and_read_as_before_it_existed(tmp_path
     without it, as every earlier file has, loads as a rule without the gate."""
     path = tmp_path / "plain.nfopt"
     rule = save_fresh(path, hidden_channels=5)
-    assert not {"gate_floor", "snr_gate", "snr_margin"} & set(read_metadata(path)["config"])
+    assert not set(OPTIONAL) & set(read_metadata(path)["config"])
     rewrite(path, mutate_meta=lambda m: m["config"].pop("gate_floor", None))
     back = load_rule(path)
     assert_same_rule(back, rule)
-    assert back.config.gate_floor == 0.0 and back.config.snr_gate == 0.0 and back.config.snr_margin == 0.0
+    assert all(getattr(back.config, name) == 0.0 for name in OPTIONAL) and not hasattr(back, "tensor_head")
     earlier = ROOT / "benchmarks" / "checkpoints" / "pooled_last.nfopt"
     assert "gate_floor" not in read_metadata(earlier)["config"]
     assert load_rule(earlier).config.gate_floor == 0.0

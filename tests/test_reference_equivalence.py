@@ -127,6 +127,13 @@ def _cases() -> dict[str, Case]:
     cases["polar-gated-every_relation"] = Case(
         every_relation_spec, {"pooled_last": False, "gate_floor": 0.5, "snr_gate": 0.5, "features": {"polar": True}}
     )
+    cases["tensor-zoo-cnn_flatten"] = Case(lambda: _labelled("cnn_flatten"), {**CONFIGS[1], "tensor_log_scale": 2.0})
+    cases["tensor-snr-signs-mlp2_tanh"] = Case(
+        lambda: _signs("mlp2_tanh"), {"sign_flips": True, "snr_gate": 0.3, "snr_margin": 0.5, "tensor_log_scale": 1.5}
+    )
+    cases["tensor-gated-random1"] = Case(
+        lambda: random_spec(1), {**CONFIGS[1], "gate_floor": 1.0, "snr_gate": 0.5, "tensor_log_scale": 3.0}, nonfinite=2
+    )
     # the momentum the factor reads is the last of the decays, here not the slowest nor Adam's
     cases["snr-decays-random0"] = Case(
         lambda: random_spec(0), {"features": {"momentum_decays": (0.95, 0.5), "adam_momentum": 0}, "snr_gate": 0.5}
@@ -144,6 +151,9 @@ def random_rule(seed: int, **config) -> LearnedUpdate:
     with torch.no_grad():
         for w in rule.parameters():
             w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64) * 0.4)
+        if config.get("tensor_log_scale"):  # a per-tensor factor that varies across tensors, mostly above 1
+            rule.tensor_head[0].weight.mul_(5)
+            rule.tensor_head[-1].bias.fill_(0.5)
     return rule
 
 

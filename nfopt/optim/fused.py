@@ -421,6 +421,15 @@ class FusedPasses:
         """The members' F·ref (B,) of the gate, which the last pass reads from their scalars."""
         self._member[:, 5] = floor
 
+    @property
+    def steps(self) -> torch.Tensor:
+        """(B,) the members' step counts after this update (after pass 0)."""
+        return torch.stack([st["step"] for st in self.states])
+
+    def scale_rates(self, scales: torch.Tensor) -> None:
+        """The members' per-tensor step factors (B,), which scale the rates the last pass reads."""
+        self._member[:, 3] *= scales.to(self._member.dtype)
+
     def known_means(self) -> KnownMeans:
         return KnownMeans(self._means.complete())
 

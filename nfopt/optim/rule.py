@@ -43,7 +43,28 @@ an estimate of the gradient's signal fraction μ²/(μ² + σ²) (with K = 1, un
 noise ρ²/n_t is about χ² with one degree of freedom, above 8 for one element-step in 200. A
 consistent gradient (ρ² = 1) opens the gate once n_t < 1/K. q is 0 where m is, so s = 0 where the
 gradient history is zero, with finite derivatives; ρ does not change under permutations or sign
-flips of the weights. This module is the functional core
+flips of the weights.
+
+A per-tensor step size (``tensor_log_scale`` T; without one, T = 0 and the factor is 1)
+multiplies each tensor's rate lr·α (of its whole step, and of its weight decay), outside the
+per-element gate, so that a tensor can be stepped at up to e^T times α where its gradients carry
+signal:
+
+    rate_T = lr·α·exp(T·(min(a, 0) + S·max(a, 0))),   a = tanh(h(z))
+
+h a small MLP (its last layer starting at zero: a fresh rule steps as without it) of per-tensor
+invariants z: the log-ratio of the RMS of each momentum (bias-corrected) to the RMS of sqrt(v̂)
+and the log-RMS of Adam's direction (scale-free: ratios of gradient statistics), and the context
+(time features, log-RMS of the parameter). Its inputs are moving averages, so the step size moves
+as slowly as they do. Increases are gated by the tensor's own signal-to-noise ratio,
+S = q/(q + κ²), q = max((c·RMS(m)/RMS(sqrt(v̂)))² - b, 0) with m the last momentum and c, b those
+of the per-element gate (:func:`~nfopt.optim.features.snr_scales`; S = 1 without ``snr_gate``):
+under pure noise the RMS ratio is the noise's share, below the margin, so q = 0 and a tensor's
+step may shrink but not grow beyond Adam's; decreases are not gated. Zero gradient history still
+gives a zero step (u = 0, and the gate closes). RMS ratios do not change under permutations or
+sign flips.
+
+This module is the functional core
 shared by :class:`~nfopt.optim.NFNOptimizer` (under no_grad) and meta-training (differentiated
 through unrolls).
 
@@ -83,6 +104,10 @@ def _split(spec: WeightSpaceSpec | MonomialSpec) -> WeightSpaceSpec | MonomialSp
     return spec.split_blocks()
 
 
+OPTIONAL = ("gate_floor", "snr_gate", "snr_margin", "tensor_log_scale")
+"""The config's options that are off at 0 and left out of its dict there."""
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
     """The shape of a learned update rule: enough to rebuild it before loading its weights."""
@@ -102,6 +127,7 @@ class UpdateConfig:
     gate_floor: float = 0.0  # > 0: the learned part gated per element by g = r/(r + gate_floor) (see above)
     snr_gate: float = 0.0  # κ > 0: the gate times s = q/(q + κ²), q = ρ², ρ the gradient's signal-to-noise ratio (see above)
     snr_margin: float = 0.0  # K > 0: q = (ρ² - K·n_t)/(1 - n_t), less the noise's share n_t of ρ² (see above)
+    tensor_log_scale: float = 0.0  # T > 0: a learned per-tensor step factor within exp(±T) (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.features, dict):
@@ -111,7 +137,7 @@ class UpdateConfig:
                 f"alpha, beta, gamma, max_deviation and max_log_scale must be positive, got {self.alpha}, "
                 f"{self.beta}, {self.gamma}, {self.max_deviation}, {self.max_log_scale}"
             )
-        for name in ("gate_floor", "snr_gate", "snr_margin"):
+        for name in OPTIONAL:
             value = float(getattr(self, name))
             object.__setattr__(self, name, value)
             if not value >= 0 or not math.isfinite(value):
@@ -120,11 +146,11 @@ class UpdateConfig:
             raise ValueError(f"snr_margin {self.snr_margin} needs a signal-to-noise gate (snr_gate > 0)")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; without ``gate_floor``, ``snr_gate`` or ``snr_margin`` where it is 0
-        (that part of the gate off), so that a rule without it is written, and fingerprinted, as it was before
-        the option existed (and earlier nfopt versions still read its files)."""
+        """The fields as a dict; without ``gate_floor``, ``snr_gate``, ``snr_margin`` or
+        ``tensor_log_scale`` where it is 0 (that part off), so that a rule without it is written, and
+        fingerprinted, as it was before the option existed (and earlier nfopt versions still read its files)."""
         d = asdict(self)
-        for name in ("gate_floor", "snr_gate", "snr_margin"):
+        for name in OPTIONAL:
             if not d[name]:
                 del d[name]
         return d
@@ -148,6 +174,13 @@ class LearnedUpdate(nn.Module):
             zero_last=True,
             pooled_last=config.pooled_last,
         )
+        if config.tensor_log_scale:
+            inputs = len(f.momentum_decays) + 1 + f.context_channels
+            self.tensor_head = nn.Sequential(
+                nn.Linear(inputs, config.hidden_channels), nn.ReLU(), nn.Linear(config.hidden_channels, 1)
+            )
+            nn.init.zeros_(self.tensor_head[-1].weight)
+            nn.init.zeros_(self.tensor_head[-1].bias)
         self.log_alpha = nn.Parameter(torch.zeros(()))
         self.log_beta = nn.Parameter(torch.zeros(()))
         self.log_gamma = nn.Parameter(torch.zeros(()))
@@ -190,7 +223,8 @@ class LearnedUpdate(nn.Module):
             y = from_canonical(y, bucket.plan, bucket.shape)
             gate = self._gates(s.state["momenta"], s.state["step"], s.root_v, floor)
             new = self._step(
-                s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket), gate
+                s.p, s.u, y, s.ok, [lrs[i] for i in m], [weight_decays[i] for i in m], _flips(bucket), gate,
+                self.tensor_scales(s.scale, s.context, s.state["step"]),
             )
             for j, i in enumerate(m):
                 new_params[i], new_oks[i] = new[j], s.ok[j]
@@ -266,6 +300,9 @@ class LearnedUpdate(nn.Module):
         if self.config.gate_floor:
             for p, floor in zip(passes, self._gate_floors(plan, [p.root_sums for p in passes])):
                 p.set_gate(floor)
+        if self.config.tensor_log_scale:
+            for p, ctx in zip(passes, contexts):
+                p.scale_rates(self.tensor_scales(p.inverse_rms, ctx, p.steps))
         self.nfn.forward_in_passes(plan, passes, firsts, contexts, scales)
         for p in passes:
             p.write_back()
@@ -328,14 +365,40 @@ class LearnedUpdate(nn.Module):
             gate = s if gate is None else gate * s
         return gate
 
+    def tensor_scales(self, inv: torch.Tensor, context_: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
+        """The members' per-tensor step factors (B,) (see the module's docstring) from the inverse
+        RMS of their features (B, C), their context (B, context_channels) and their step counts
+        after this update (B,); None without ``tensor_log_scale``."""
+        limit = self.config.tensor_log_scale
+        if not limit:
+            return None
+        f = self.config.features
+        momenta = len(f.momentum_decays)
+        log_inv = torch.log(inv)
+        t = step.to(inv.dtype).clamp(min=1)[:, None]
+        corrections = torch.log1p(-constant(f.momentum_decays, inv) ** t)  # the momenta's bias corrections
+        root = log_inv[:, -2:-1]  # the channel of sqrt(v̂); the last is Adam's direction
+        z = torch.cat([root - log_inv[:, 2 : 2 + momenta] - corrections, -log_inv[:, -1:], context_.to(inv.dtype)], 1)
+        weight = self.tensor_head[0].weight
+        a = torch.tanh(self.tensor_head(z.to(weight.dtype))).squeeze(1).to(inv.dtype)
+        up = a.clamp(min=0)
+        kappa = self.config.snr_gate
+        if kappa:
+            c, b = snr_scales(step.to(inv.dtype), f, self.config.snr_margin)
+            ratio = c * inv[:, -2] / inv[:, 1 + momenta]  # c·RMS(m)/RMS(sqrt(v̂)), m the last momentum
+            q = torch.relu(ratio * ratio - b)
+            up = up * (q / (q + max(kappa * kappa, torch.finfo(q.dtype).tiny)))
+        return torch.exp(limit * (a.clamp(max=0) + up))
+
     def _step(
         self, p: torch.Tensor, u: torch.Tensor, y: torch.Tensor, ok: torch.Tensor,
         lrs: list[float | torch.Tensor], weight_decays: list[float | torch.Tensor], flips: bool,
-        gate: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None, scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New params of a bucket from the NFN's output ``y`` (B, 2, *shape): the bounded
         residual on Adam's direction, gated per element by ``gate`` (B, *shape) where there is
-        one, scaled, with decoupled weight decay at the members' rates."""
+        one, scaled (per member by ``scales`` (B,) where given), with decoupled weight decay at
+        the members' rates."""
         alpha, beta, gamma = self.scalars()
         bound, limit = self.config.max_deviation, self.config.max_log_scale
         deviation = torch.tanh(y[:, 0] * (beta / bound))
@@ -346,6 +409,8 @@ class LearnedUpdate(nn.Module):
         step = torch.add(u, deviation, alpha=bound) * torch.exp(log_scale)
         lr, wd = _member_values(lrs, p), _member_values(weight_decays, p)
         rate = (lr * per_member(ok, p)) * alpha
+        if scales is not None:
+            rate = rate * per_member(scales, p)
         decayed = p * (1 - rate * wd) if torch.is_tensor(wd) or wd else p
         return torch.addcmul(decayed, -rate, step)
 
@@ -388,6 +453,7 @@ class _EagerPasses(ChunkPasses):
         self.lrs, self.weight_decays = lrs, weight_decays
         self.work: _BucketStep | None = None
         self.floor: torch.Tensor | None = None  # the members' F·ref of the gate, where there is one
+        self.scales: torch.Tensor | None = None  # the members' per-tensor step factors, where there are
         self._stacked = _stacked_members(params, grads, states)
         self._polar: torch.Tensor | None = None  # the whole polar-factor channel, in chunks (with ``polar``)
 
@@ -403,6 +469,20 @@ class _EagerPasses(ChunkPasses):
     def set_gate(self, floor: torch.Tensor) -> None:
         """The members' F·ref (B,) that the last pass gates the learned part with."""
         self.floor = floor
+
+    @property
+    def inverse_rms(self) -> torch.Tensor:
+        """(B, C) the inverse RMS of the members' features (after the first pass)."""
+        return self.work.scale
+
+    @property
+    def steps(self) -> torch.Tensor:
+        """(B,) the members' step counts after this update (after the first pass)."""
+        return self.work.state["step"]
+
+    def scale_rates(self, scales: torch.Tensor) -> None:
+        """The members' per-tensor step factors (B,) that the last pass scales their steps by."""
+        self.scales = scales
 
     def statistics(self, dims: Sequence[tuple[int, ...]]) -> tuple[ChunkMeans, torch.Tensor, torch.Tensor]:
         """Update the statistics; the means over ``dims`` of the features, the context and scales."""
@@ -480,7 +560,7 @@ class _EagerPasses(ChunkPasses):
             y = y.reshape(y.shape[0], y.shape[1], *u.shape[1:])
         gate = self.rule._gates(chunk["momenta"], s.state["step"], root_v, self.floor)
         target = _rows_of(s.p, rows)
-        target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket), gate))
+        target.copy_(self.rule._step(target, u, y, s.ok, self.lrs, self.weight_decays, _flips(bucket), gate, self.scales))
 
     def write_back(self) -> None:
         """Stacked copies written back into the members' own tensors."""

@@ -105,13 +105,16 @@ def flat(model):
 
 
 @pytest.mark.parametrize(
-    "handed_over,gate_floor,polar", [(False, 0.0, False), (True, 0.0, False), (True, 0.3, False), (True, 0.0, True)]
+    "handed_over,config",
+    [(False, {}), (True, {}), (True, {"gate_floor": 0.3}), (True, {"features": {"polar": True}}),
+     (True, {"tensor_log_scale": 2.0})],
 )
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gate_floor, polar):
+def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, config):
     """Permuting a model's hidden neurons permutes its trajectory under a rule whose NFN is far
-    from Adam: bare and handed the model, with the gate, and reading the polar factor of the
-    momentum (which commutes with permutations of rows and columns)."""
+    from Adam: bare and handed the model, with the gate, reading the polar factor of the
+    momentum (which commutes with permutations of rows and columns), and with a per-tensor step
+    factor (of RMS ratios, which permutations leave as they are)."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build().double()
@@ -124,7 +127,7 @@ def test_permuted_model_trains_to_the_permuted_trajectory(name, handed_over, gat
     assert (flat(twin) - flat(model)).abs().max() > 1e-3  # the twin really is permuted
 
     def optimizer(m):
-        rule = open_rule(gate_floor=gate_floor, features={"polar": polar})
+        rule = open_rule(**config)
         if handed_over:
             return NFNOptimizer.for_model(m, rule=rule, example_inputs=(data[0][0],))
         return NFNOptimizer(m.parameters(), rule=rule)
@@ -148,11 +151,16 @@ def test_handing_over_the_model_changes_the_updates():
     assert (flat(a) - flat(b)).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("sign_flips,gate_floor,polar", [(True, 0.0, False), (False, 0.0, False), (True, 0.3, False), (True, 0.0, True)])
-def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, gate_floor, polar):
+@pytest.mark.parametrize(
+    "sign_flips,config",
+    [(True, {}), (False, {}), (True, {"gate_floor": 0.3}), (True, {"features": {"polar": True}}),
+     (True, {"tensor_log_scale": 2.0})],
+)
+def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, config):
     """A rule meta-trained with sign flips, handed a tanh model, commutes with flipping hidden
-    neurons (as Adam does), with the gate too, and reading the momentum's polar factor (which
-    flips with the weights); a permutation-only rule does not, so the check can fail."""
+    neurons (as Adam does), with the gate too, reading the momentum's polar factor (which flips
+    with the weights), and with a per-tensor step factor; a permutation-only rule does not, so
+    the check can fail."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     data = batches((16, 5), 30)
@@ -162,7 +170,7 @@ def test_sign_flipped_tanh_model_trains_to_the_flipped_trajectory(sign_flips, ga
     twin = copy.deepcopy(model)
     act_model_(twin, labelling, element)
     for m in (model, twin):
-        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips, gate_floor=gate_floor, features={"polar": polar}), example_inputs=(data[0][0],)), data)
+        train(m, NFNOptimizer.for_model(m, rule=open_rule(sign_flips=sign_flips, **config), example_inputs=(data[0][0],)), data)
     act_model_(model, labelling, element)
     a, b = flat(model), flat(twin)
     error = ((a - b).abs().max() / a.abs().max()).item()

@@ -4,13 +4,14 @@ Its checkpoint files are tested with the rest of checkpoint IO, in ``tests/test_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from nfopt.optim.features import init_state
-from nfopt.optim.rule import LearnedUpdate, UpdateConfig
+from nfopt.optim.rule import OPTIONAL, LearnedUpdate, UpdateConfig
 from nfopt.weight_space import WeightSpaceSpec
 
 from ..rules import fresh_rule, open_rule
@@ -53,7 +54,7 @@ def test_meta_gradient_reaches_every_weight():
 def test_bad_config():
     with pytest.raises(ValueError, match="positive"):
         UpdateConfig(alpha=0.0)
-    for name in ("gate_floor", "snr_gate", "snr_margin"):
+    for name in OPTIONAL:
         for bad in (-0.1, float("nan"), float("inf")):
             with pytest.raises(ValueError, match=f"{name} must be finite and at least 0"):
                 UpdateConfig(**{name: bad, "snr_gate": 0.5} if name == "snr_margin" else {name: bad})
@@ -63,11 +64,12 @@ def test_bad_config():
 
 def test_gate_fields_are_left_out_of_the_dict_where_off():
     """A rule without a gate writes (and fingerprints) the config it wrote before the options existed."""
-    assert not {"gate_floor", "snr_gate", "snr_margin"} & set(UpdateConfig().to_dict())
+    assert not set(OPTIONAL) & set(UpdateConfig().to_dict())
     assert "snr_margin" not in UpdateConfig(snr_gate=0.5).to_dict()
     d = UpdateConfig(gate_floor=0.1, snr_gate=0.5, snr_margin=8.0).to_dict()
     assert (d["gate_floor"], d["snr_gate"], d["snr_margin"]) == (0.1, 0.5, 8.0)
-    for config in (UpdateConfig(snr_gate=0.5), UpdateConfig(snr_gate=0.5, snr_margin=8.0)):
+    assert UpdateConfig(tensor_log_scale=3.0).to_dict()["tensor_log_scale"] == 3.0
+    for config in (UpdateConfig(snr_gate=0.5), UpdateConfig(snr_gate=0.5, snr_margin=8.0), UpdateConfig(tensor_log_scale=3.0)):
         assert UpdateConfig(**config.to_dict()) == config
 
 
@@ -187,12 +189,13 @@ def test_a_batch_of_weight_spaces_steps_each_as_alone(gate_floor: float) -> None
 
 
 def _gated_rule(
-    gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64, snr_gate: float = 0.0, snr_margin: float = 0.0
+    gate_floor: float, seed: int = 0, dtype: torch.dtype = torch.float64, snr_gate: float = 0.0, snr_margin: float = 0.0,
+    **config,
 ) -> LearnedUpdate:
     """A rule of the default shape with every weight random (the NFN is far from Adam)."""
     from ..test_reference_equivalence import random_rule
 
-    return random_rule(seed, gate_floor=gate_floor, snr_gate=snr_gate, snr_margin=snr_margin).to(dtype)
+    return random_rule(seed, gate_floor=gate_floor, snr_gate=snr_gate, snr_margin=snr_margin, **config).to(dtype)
 
 
 def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
@@ -213,15 +216,18 @@ def _zero_history_run(rule: LearnedUpdate, dtype: torch.dtype, steps: int = 3):
 
 
 @pytest.mark.parametrize(
-    "floor,snr,margin", [(0.1, 0.0, 0.0), (1e-50, 0.0, 0.0), (0.0, 0.5, 0.0), (1e-50, 1e-30, 0.0), (0.0, 0.5, 1.0)]
+    "floor,snr,margin,tensor",
+    [(0.1, 0.0, 0.0, 0.0), (1e-50, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), (1e-50, 1e-30, 0.0, 0.0), (0.0, 0.5, 1.0, 0.0),
+     (0.0, 0.5, 8.0, 3.0)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor, snr, margin):
+def test_with_a_gate_elements_without_gradient_history_do_not_move(dtype, floor, snr, margin, tensor):
     """Whatever the NFN's weights: a tensor with no gradient yet, and the elements of another
     with none, keep their values to the bit while the rest move, with either gate (also with a
-    floor so small that F·ref underflows, κ² below the smallest normal number, and the
-    signal-to-noise gate's margin); without a gate they move."""
-    before, after = _zero_history_run(_gated_rule(floor, dtype=dtype, snr_gate=snr, snr_margin=margin), dtype)
+    floor so small that F·ref underflows, κ² below the smallest normal number, the
+    signal-to-noise gate's margin, and a per-tensor step factor); without a gate they move."""
+    rule = _gated_rule(floor, dtype=dtype, snr_gate=snr, snr_margin=margin, tensor_log_scale=tensor)
+    before, after = _zero_history_run(rule, dtype)
     assert torch.equal(after[1], before[1]) and torch.equal(after[2][0], before[2][0])
     assert (after[2][1:] != before[2][1:]).all() and (after[0] != before[0]).all()
     before, after = _zero_history_run(_gated_rule(0.0, dtype=dtype), dtype)
@@ -270,19 +276,24 @@ def test_with_a_gate_noise_level_gradients_step_no_further_than_adam():
     assert (ours - adam).max() > 0.1 * alpha
 
 
-def _noise_growth(rule: LearnedUpdate, steps: int = 300) -> float:
-    """How far the parameter norm of an MLP's space grows over ``steps`` steps of pure-noise
-    gradients (N(0, 1), a fresh draw every step)."""
+def _noise_walk(rule: LearnedUpdate, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MLP space's parameters, flat, before and after ``steps`` steps of pure-noise gradients
+    (N(0, 1), a fresh draw every step)."""
     spec = mlp_spec([5, 6, 4])
     g = torch.Generator().manual_seed(6)
     params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
     states = [init_state(p, rule.config.features) for p in params]
-    norm = lambda: float(torch.cat([p.flatten() for p in params]).norm())  # noqa: E731
-    start = norm()
+    start = torch.cat([p.flatten() for p in params])
     with torch.no_grad():
         for _ in range(steps):
             params, states, _ = rule(spec, params, [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors], states)
-    return norm() - start
+    return start, torch.cat([p.flatten() for p in params])
+
+
+def _noise_growth(rule: LearnedUpdate, steps: int = 300) -> float:
+    """How far the parameter norm grows over :func:`_noise_walk`."""
+    start, end = _noise_walk(rule, steps)
+    return float(end.norm() - start.norm())
 
 
 def test_the_signal_to_noise_gate_damps_the_learned_part_under_pure_noise():
@@ -376,3 +387,81 @@ def test_with_a_gate_meta_gradients_are_finite_at_zero_gradients(dtype, zero):
         assert torch.isfinite(d).all(), what
     if zero == "one tensor":
         assert all(d.abs().sum() > 0 for d in got[: len(weights)])
+
+
+# ---- the per-tensor step factor (UpdateConfig.tensor_log_scale) --------------------------------------
+
+
+def _growing_rule(**config) -> LearnedUpdate:
+    """A rule that is Adam but for a per-tensor step factor that asks for the most it may grow
+    (e^3), in float64."""
+    rule = fresh_rule(tensor_log_scale=3.0, **config).double()
+    with torch.no_grad():
+        rule.tensor_head[-1].bias.fill_(20.0)
+    return rule
+
+
+def _step_ratios(rule: LearnedUpdate, grads: Callable[[int], list[torch.Tensor]], steps: int) -> torch.Tensor:
+    """Per step and tensor of an MLP's space, ‖Δ‖/‖Δ_adam‖, Δ_adam torch's Adam's step (lr = the
+    rule's α) from the same parameters and gradients ``grads(step)``: (steps, tensors)."""
+    f = rule.config.features
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(10)
+    params = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    states = [init_state(p, f) for p in params]
+    twins = [p.clone().requires_grad_() for p in params]
+    adam = torch.optim.Adam(twins, lr=rule.scalars()[0].item(), betas=(f.momentum_decays[f.adam_momentum], f.beta2), eps=f.eps)
+    ratios = []
+    with torch.no_grad():
+        for t in range(steps):
+            gs = grads(t)
+            new, states, _ = rule(spec, params, gs, states)
+            for twin, grad in zip(twins, gs):
+                twin.grad = grad
+            adam.step()
+            ratios.append(torch.stack([(a - p).norm() / (b - p).norm() for a, b, p in zip(new, twins, params)]))
+            params = new
+            for p, twin in zip(params, twins):
+                twin.copy_(p)
+    return torch.stack(ratios)
+
+
+def test_the_per_tensor_step_grows_only_where_the_tensor_has_signal():
+    """A per-tensor factor that asks for e^3: under a gradient that never changes, each tensor's
+    step is Adam's while the margin of the signal-to-noise gate holds it (steps 1 to 8), then grows
+    step by step towards e^(3·S), S → 1/(1 + κ²) = 0.8 (past e^2.1 by step 40); under pure noise it
+    stays within Adam's for 300 steps; without the gate it is e^3 times Adam's under noise too."""
+    spec = mlp_spec([5, 6, 4])
+    g = torch.Generator().manual_seed(11)
+    fixed = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in spec.tensors]
+    noise = lambda t: [torch.randn(s.shape, generator=g, dtype=torch.float64) for s in spec.tensors]  # noqa: E731
+    gated = _growing_rule(snr_gate=0.5, snr_margin=8.0)
+    ratios = _step_ratios(gated, lambda t: fixed, 40)
+    assert torch.allclose(ratios[:8], torch.ones_like(ratios[:8]), atol=1e-9), ratios[:8]
+    assert (ratios[8:].diff(dim=0) > 0).all() and (ratios[-1] > math.exp(2.1)).all(), ratios
+    assert (ratios <= math.exp(3.0 * 0.8) + 1e-9).all()
+    assert (_step_ratios(gated, noise, 300) <= 1 + 1e-9).all()
+    assert torch.allclose(_step_ratios(_growing_rule(), noise, 20), torch.full((20, 4), math.exp(3.0), dtype=torch.float64), rtol=1e-9)
+
+
+def test_the_per_tensor_step_can_shrink_under_noise():
+    """Decreases are not gated: a factor that asks for e^-3 gives e^-3 times Adam's step from step
+    1, under pure noise and with the gate."""
+    rule = fresh_rule(tensor_log_scale=3.0, snr_gate=0.5, snr_margin=8.0).double()
+    with torch.no_grad():
+        rule.tensor_head[-1].bias.fill_(-20.0)
+    g = torch.Generator().manual_seed(12)
+    spec = mlp_spec([5, 6, 4])
+    noise = lambda t: [torch.randn(s.shape, generator=g, dtype=torch.float64) for s in spec.tensors]  # noqa: E731
+    assert torch.allclose(_step_ratios(rule, noise, 10), torch.full((10, 4), math.exp(-3.0), dtype=torch.float64), rtol=1e-9)
+
+
+def test_pure_noise_moves_parameters_no_further_with_a_per_tensor_step():
+    """300 steps of pure noise: with the signal-to-noise gate, a per-tensor factor that asks for
+    e^3 leaves the parameters where Adam's steps take them (to rounding) and their norm no larger;
+    ungated, it moves them e^3 times as far."""
+    start, adam = _noise_walk(fresh_rule().double())
+    _, gated = _noise_walk(_growing_rule(snr_gate=0.5, snr_margin=8.0))
+    _, free = _noise_walk(_growing_rule())
+    assert (gated - adam).abs().max() < 1e-12 and gated.norm() <= adam.norm() * (1 + 1e-12)
+    assert (free - start).norm() > 10 * (adam - start).norm()
