@@ -413,7 +413,8 @@ def tensor_factor(rule: nn.Module, state: Statistics, root_v: Tensor, u: Tensor,
     kappa = getattr(cfg, "snr_gate", 0.0)
     if kappa:
         decay = f.momentum_decays[-1]
-        q = (rms(state["momenta"][-1]) / (1 - decay**t) / rms(root_v)).square()
+        floor = 1e-4 * f.rms_eps  # far below any gradient's mean square, above the recovery's rounding
+        q = state["momenta"][-1].square().mean() / (1 - decay**t) ** 2 / (root_v.square().mean() + floor)
         margin = getattr(cfg, "snr_margin", 0.0)
         if margin:
             q = signal_fraction(q, margin, t, decay)

@@ -60,7 +60,12 @@ as slowly as they do. Increases are gated by the tensor's own signal-to-noise ra
 S = q/(q + κ²), q = max((c·RMS(m)/RMS(sqrt(v̂)))² - b, 0) with m the last momentum and c, b those
 of the per-element gate (:func:`~nfopt.optim.features.snr_scales`; S = 1 without ``snr_gate``):
 under pure noise the RMS ratio is the noise's share, below the margin, so q = 0 and a tensor's
-step may shrink but not grow beyond Adam's; decreases are not gated. Zero gradient history still
+step may shrink but not grow beyond Adam's; decreases are not gated. The RMS here are exact, without
+the features' floor ``rms_eps`` inside the square root: at rounding-noise level (a conv bias before
+BatchNorm) the slow momentum's mean square falls below the floor first, and a floored ratio would
+read that as signal. Mean squares are recovered from the floored ones to within the floor's
+rounding, so the ratio's denominator has a floor of its own, ``TENSOR_SNR_FLOOR``·rms_eps, far
+below any gradient's but above that rounding: zero gradient history gives q = 0. Zero gradient history still
 gives a zero step (u = 0, and the gate closes). RMS ratios do not change under permutations or
 sign flips.
 
@@ -105,6 +110,7 @@ def _split(spec: WeightSpaceSpec | MonomialSpec) -> WeightSpaceSpec | MonomialSp
 
 
 OPTIONAL = ("gate_floor", "snr_gate", "snr_margin", "tensor_log_scale")
+TENSOR_SNR_FLOOR = 1e-4  # of rms_eps: the per-tensor gate's floor on the mean square of sqrt(v̂)
 """The config's options that are off at 0 and left out of its dict there."""
 
 
@@ -385,8 +391,9 @@ class LearnedUpdate(nn.Module):
         kappa = self.config.snr_gate
         if kappa:
             c, b = snr_scales(step.to(inv.dtype), f, self.config.snr_margin)
-            ratio = c * inv[:, -2] / inv[:, 1 + momenta]  # c·RMS(m)/RMS(sqrt(v̂)), m the last momentum
-            q = torch.relu(ratio * ratio - b)
+            eps = f.rms_eps  # mean squares without the floor: c²·MS(m)/MS(sqrt(v̂)), m the last momentum
+            ms_m, ms_root = (torch.relu(inv[:, i] ** -2 - eps) for i in (1 + momenta, -2))
+            q = torch.relu(c * c * ms_m / (ms_root + TENSOR_SNR_FLOOR * eps) - b)
             up = up * (q / (q + max(kappa * kappa, torch.finfo(q.dtype).tiny)))
         return torch.exp(limit * (a.clamp(max=0) + up))
 

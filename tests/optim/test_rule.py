@@ -465,3 +465,17 @@ def test_pure_noise_moves_parameters_no_further_with_a_per_tensor_step():
     _, free = _noise_walk(_growing_rule())
     assert (gated - adam).abs().max() < 1e-12 and gated.norm() <= adam.norm() * (1 + 1e-12)
     assert (free - start).norm() > 10 * (adam - start).norm()
+
+
+def test_noise_level_gradients_step_no_further_than_adam_with_a_per_tensor_step():
+    """A bias whose gradients are pure noise at 1e-7 of the rest's (a conv bias before BatchNorm):
+    a per-tensor factor that asks for e^3 leaves its steps Adam's, to 2e-3 of α, over 20 steps
+    (its slow momentum's mean square falls below the features' RMS floor, which the gate must not
+    read as signal); a constant gradient at the same scale still grows its step past e^2."""
+    rule = _growing_rule(gate_floor=1e-3, snr_gate=0.5, snr_margin=8.0)
+    ours, adam = _noise_steps(rule)
+    alpha = rule.scalars()[0].item()
+    assert (ours <= adam * 1.002 + 2e-3 * alpha).all(), float((ours - adam).max() / alpha)
+    g = torch.Generator().manual_seed(13)
+    fixed = [torch.randn(t.shape, generator=g, dtype=torch.float64) * 1e-7 for t in mlp_spec([5, 6, 4]).tensors]
+    assert (_step_ratios(rule, lambda t: fixed, 40)[-1] > math.exp(2.0)).all()
