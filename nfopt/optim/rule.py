@@ -65,8 +65,8 @@ the features' floor ``rms_eps`` inside the square root: at rounding-noise level 
 BatchNorm) the slow momentum's mean square falls below the floor first, and a floored ratio would
 read that as signal. Mean squares are recovered from the floored ones to within the floor's
 rounding, so the ratio's denominator has a floor of its own, ``TENSOR_SNR_FLOOR``·rms_eps, far
-below any gradient's but above that rounding: zero gradient history gives q = 0. Zero gradient history still
-gives a zero step (u = 0, and the gate closes). RMS ratios do not change under permutations or
+below any gradient's but above that rounding. Zero gradient history gives q = 0 and a zero step
+(u = 0, and the gate closes). RMS ratios do not change under permutations or
 sign flips.
 
 This module is the functional core
@@ -110,8 +110,9 @@ def _split(spec: WeightSpaceSpec | MonomialSpec) -> WeightSpaceSpec | MonomialSp
 
 
 OPTIONAL = ("gate_floor", "snr_gate", "snr_margin", "tensor_log_scale")
-TENSOR_SNR_FLOOR = 1e-4  # of rms_eps: the per-tensor gate's floor on the mean square of sqrt(v̂)
 """The config's options that are off at 0 and left out of its dict there."""
+
+TENSOR_SNR_FLOOR = 1e-4  # of rms_eps: the per-tensor gate's floor on the mean square of sqrt(v̂)
 
 
 @dataclass(frozen=True)
