@@ -335,7 +335,7 @@ class MetaTrainer:
             grad_sum += flat
         for meta_loss, info in tasks:
             local["finite_tasks"] += 1
-            local["meta_loss"] += float(meta_loss)
+            local["meta_loss"] += meta_loss.item()
             local["inner_loss"] += info["losses"].mean().item()
             if held_out:
                 local["log_train_loss"] += info["log_train_loss"].item()

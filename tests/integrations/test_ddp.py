@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from nfopt import NFNOptimizer
 
+from ..spawn import run_ranks
+
 WORLD_SIZE = 2
 STEPS = 6
 BATCH = 16
 """Per rank; one process holding the whole data takes batches of WORLD_SIZE * BATCH."""
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model() -> nn.Module:
@@ -91,7 +84,7 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """Both ranks' results of one two-process DDP run (one run per optimizer kind, shared by the
     tests below), and whether the optimizer was ``for_model``'s."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(free_port(), str(out), request.param), nprocs=WORLD_SIZE, join=True)
+    run_ranks(worker, (str(out), request.param), WORLD_SIZE)
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     return {"structured": request.param, "results": results}
 

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
 
 from meta_train.distributed import init_from_env, shutdown
 from meta_train.trainer import MetaConfig, MetaTrainer
 
+from ..spawn import run_ranks
+
 
 CONFIG = MetaConfig(tasks_per_step=2, unroll_length=2, horizon_min=4, horizon_max=4, first_order=True)
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -46,7 +40,7 @@ def run_single(config: MetaConfig) -> MetaTrainer:
 
 
 def test_two_ranks_train_different_tasks_into_one_identical_rule(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(worker, (str(tmp_path),), 2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k, v in r0["rule"].items():
         assert torch.equal(v, r1["rule"][k]), k

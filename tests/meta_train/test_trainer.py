@@ -172,7 +172,7 @@ def test_pes_steps_along_antithetic_pairs_of_each_task(monkeypatch):
             torch.nn.utils.vector_to_parameters((theta + sign * eps).float(), rule.parameters())
             run = InnerRun.start(trainer.task_config(slot, 0), rule.config.features)
             losses.append(run.unroll(rule, config.unroll_length, True, config.loss_eps)[0])
-        expected.append(eps * float(losses[0] - losses[1]) / (2 * config.pes_sigma**2))
+        expected.append(eps * (losses[0] - losses[1]).item() / (2 * config.pes_sigma**2))
         assert torch.equal(trainer.pes.xi[slot], eps)
     assert len(applied) == 1
     torch.testing.assert_close(applied[0], torch.stack(expected).mean(0).float().double(), rtol=1e-5, atol=1e-7)
