@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch.multiprocessing as mp
@@ -43,17 +44,10 @@ def run_ranks(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int,
     loopback port; returns when all have exited cleanly, re-raises a rank's exception, and fails
     the test (killing the ranks) if they are not done within ``deadline_s``."""
     lo = loopback_interface()
-    saved = os.environ.get("GLOO_SOCKET_IFNAME")
-    if lo is not None:  # gloo otherwise binds to the address the hostname resolves to
-        os.environ["GLOO_SOCKET_IFNAME"] = lo
-    try:
+    # gloo otherwise binds to the address the hostname resolves to; the children inherit this
+    with mock.patch.dict(os.environ, {} if lo is None else {"GLOO_SOCKET_IFNAME": lo}):
         ctx = mp.start_processes(worker, args=(free_port(), *args), nprocs=nprocs, join=False,
                                  start_method="spawn")
-    finally:
-        if saved is None:
-            os.environ.pop("GLOO_SOCKET_IFNAME", None)
-        else:
-            os.environ["GLOO_SOCKET_IFNAME"] = saved
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=max(0.0, end - time.monotonic())):
         if time.monotonic() >= end:
